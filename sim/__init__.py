@@ -1,0 +1,1 @@
+"""Deterministic simulator of hosts for lazycluster (being built)."""

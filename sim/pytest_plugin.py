@@ -1,0 +1,1 @@
+"""pytest plugin of the lazycluster simulator (fixtures are added with the simulator)."""
