@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -44,6 +45,14 @@ class Clock(ABC):
 
         The first exception raised by a call is re-raised after all calls have
         finished, so no call is left running in the background.
+        """
+
+    @abstractmethod
+    def submit(self, function: Callable[[], R], name: str = "") -> Future[R]:
+        """Start `function` in the background and return a future of its result.
+
+        Used for asynchronous task execution. A virtual clock may run the
+        function before returning, with an already completed future.
         """
 
     def wait_until(
@@ -96,6 +105,21 @@ class SystemClock(Clock):
             if error is not None:
                 raise error
         return [future.result() for future in futures]
+
+    def submit(self, function: Callable[[], R], name: str = "") -> Future[R]:
+        future: Future[R] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(function())
+            except BaseException as error:  # handed to the caller through the future
+                future.set_exception(error)
+
+        # A daemon thread so that a hanging remote step never blocks interpreter exit.
+        threading.Thread(target=run, name=f"lazycluster-{name}" if name else None, daemon=True).start()
+        return future
 
 
 SYSTEM_CLOCK = SystemClock()
