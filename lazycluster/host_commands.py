@@ -180,3 +180,15 @@ with os.fdopen(result_fd, "w") as result_file:
     result_file.write(line)
 sys.exit(0 if outcome["ok"] else 1)
 """
+
+
+# Prints the version of the installed `distributed` package, or nothing when
+# it is missing. Reads the package metadata because importing distributed
+# takes about half a second.
+DISTRIBUTED_VERSION_SNIPPET = r"""
+try:
+    from importlib.metadata import version
+    print(version("distributed"))
+except Exception:
+    pass
+"""
