@@ -441,8 +441,8 @@ def remove_host_lines(lines: list[str], name: str, path: str) -> list[str]:
 def _locked(path: str) -> Iterator[None]:
     """Hold an exclusive lock on the config file so two edits do not lose one another.
 
-    Another process may replace the file while this one waits; then the lock is
-    on the old file and is taken again on the new one.
+    Another process may replace the file while this one waits. The lock is then
+    on the old file, so it is taken again on the new one.
     """
     while True:
         try:
