@@ -1,0 +1,87 @@
+"""The commands that start Dask processes, and how to read their logs.
+
+Every Dask argv the library runs is built here, so the simulator can interpret
+exactly these. The processes run the `distributed` CLI modules with
+`python -m`, because `distributed` 2026.6.0 removed the `dask-scheduler` and
+`dask-worker` scripts. Every server binds 127.0.0.1 only: other machines reach
+it through SSH tunnels.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from lazycluster.host_commands import PYTHON_EXECUTABLE
+
+# Interpreter that runs workers on a remote host; the manager uses its own.
+PYTHON_ON_HOST = PYTHON_EXECUTABLE
+
+LOOPBACK = "127.0.0.1"
+
+# distributed 2026.8 logs this INFO line on the scheduler when a worker joins;
+# the address is the worker's contact address.
+_REGISTERED_WORKER = re.compile(r"Register worker addr: tcp://127\.0\.0\.1:(\d+)\b")
+
+
+def tcp_address(port: int) -> str:
+    """Return the Dask address of a loopback port."""
+    return f"tcp://{LOOPBACK}:{port}"
+
+
+def scheduler_command(port: int, dashboard_port: int | None) -> list[str]:
+    """Build the argv of a scheduler on the manager, with its dashboard or without one."""
+    argv = [
+        sys.executable,
+        "-m",
+        "distributed.cli.dask_scheduler",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+    ]
+    if dashboard_port is None:
+        argv.append("--no-dashboard")
+    else:
+        argv += ["--dashboard-address", f"{LOOPBACK}:{dashboard_port}"]
+    return argv
+
+
+def worker_command(
+    python: str,
+    scheduler_port: int,
+    port: int,
+    nthreads: int,
+    name: str,
+    death_timeout: float,
+) -> list[str]:
+    """Build the argv of one worker that listens on and advertises loopback `port`.
+
+    Without a nanny the worker is a single process, so stopping the handle stops
+    the worker. `death_timeout` makes it exit on its own when it cannot reach the
+    scheduler, for example after the manager died.
+    """
+    address = tcp_address(port)
+    return [
+        python,
+        "-m",
+        "distributed.cli.dask_worker",
+        tcp_address(scheduler_port),
+        "--listen-address",
+        address,
+        "--contact-address",
+        address,
+        "--no-nanny",
+        "--nthreads",
+        str(nthreads),
+        "--name",
+        name,
+        "--no-dashboard",
+        "--death-timeout",
+        f"{death_timeout:g}",
+    ]
+
+
+def registered_worker_ports(scheduler_log: str) -> set[int]:
+    """Return the ports of the workers that the scheduler log shows as registered."""
+    return {int(port) for port in _REGISTERED_WORKER.findall(scheduler_log)}

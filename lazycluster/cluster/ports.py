@@ -1,0 +1,95 @@
+"""Choosing ports that are free on every runtime of a group and on the manager.
+
+Each machine is asked once for the whole candidate list, all machines in
+parallel, so the cost of a port choice does not grow with the number of ports
+or workers. A port counts as free only when no machine uses it, because the
+tunnel mesh listens on the same port number on every machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lazycluster.exceptions import NoPortsLeftError, PortInUseError
+from lazycluster.transport import Transport, get_backend, validate_port
+
+if TYPE_CHECKING:
+    from lazycluster.runtime_mgmt import RuntimeGroup
+
+logger = logging.getLogger(__name__)
+
+
+def manager_transport() -> Transport:
+    """Return the transport of the manager's own machine from the active backend."""
+    return get_backend().local()
+
+
+def remote_transports(group: RuntimeGroup) -> list[Transport]:
+    """Return the transports of the group's runtimes that are not the manager's machine."""
+    return [runtime.transport for runtime in group.runtimes if not runtime.transport.is_local]
+
+
+def validate_port_list(ports: Any, name: str = "ports") -> list[int]:
+    """Return `ports` as a list of valid port numbers, or raise TypeError/ValueError."""
+    if isinstance(ports, (str, bytes)) or not isinstance(ports, Iterable):
+        raise TypeError(f"Invalid {name} {ports!r}: expected a list of port numbers.")
+    return [validate_port(port, f"port in {name}") for port in ports]
+
+
+def find_busy_ports(transports: Sequence[Transport], candidates: Iterable[int]) -> dict[str, set[int]]:
+    """Return, per host, which of `candidates` are in use: one request per host, in parallel."""
+    unique = sorted(set(candidates))
+    if not unique or not transports:
+        return {transport.host: set() for transport in transports}
+
+    clock = transports[0].clock
+    results = clock.map(lambda transport: set(transport.ports_in_use(unique)), transports)
+    busy = {transport.host: used for transport, used in zip(transports, results, strict=True)}
+    logger.debug("Ports in use among %d candidates: %s", len(unique), busy)
+    return busy
+
+
+def hosts_using(port: int, busy: Mapping[str, set[int]]) -> list[str]:
+    """Return the hosts on which `port` is in use."""
+    return [host for host, used in busy.items() if port in used]
+
+
+def require_free_port(port: int, busy: Mapping[str, set[int]], group: Any = None) -> None:
+    """Raise PortInUseError naming the hosts when `port` is in use on any of them."""
+    hosts = hosts_using(port, busy)
+    if hosts:
+        where = "host(s) " + ", ".join(repr(host) for host in hosts)
+        raise PortInUseError(port, group=group, where=where)
+
+
+def pick_free_ports(
+    candidates: Sequence[int],
+    count: int,
+    busy: Mapping[str, set[int]],
+    exclude: Iterable[int] = (),
+) -> tuple[list[int], list[int]]:
+    """Pick the first `count` ports of `candidates` that no host uses.
+
+    Returns the chosen ports and the candidates after the last chosen one.
+    Raises NoPortsLeftError when fewer than `count` are free, and ValueError when
+    `count` is below 1.
+    """
+    if count < 1:
+        raise ValueError(f"Invalid port count {count}: expected at least 1.")
+
+    in_use = set(exclude).union(*busy.values())
+    chosen: list[int] = []
+    for index, port in enumerate(candidates):
+        if port in in_use or port in chosen:
+            continue
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen, list(candidates[index + 1 :])
+
+    raise NoPortsLeftError(
+        f"Only {len(chosen)} of the {len(candidates)} ports in the list are free on every "
+        f"runtime and on the manager, but {count} are needed. Pass a longer port list or "
+        "free some of its ports."
+    )

@@ -1,0 +1,83 @@
+"""Waiting until Dask workers have registered with the scheduler.
+
+The scheduler runs on the manager and logs one line per registered worker, so
+each poll reads one local file, however many hosts and workers there are.
+While waiting, a worker that exits fails the wait at once instead of at the
+timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from lazycluster.clock import Clock
+from lazycluster.cluster.dask_commands import registered_worker_ports
+from lazycluster.cluster.exceptions import (
+    LOG_TAIL_LINES,
+    MasterStartError,
+    WorkerFailure,
+    WorkerStartError,
+)
+from lazycluster.cluster.runtime_cluster import WorkerProcess
+from lazycluster.transport import ProcessHandle
+
+logger = logging.getLogger(__name__)
+
+
+def read_tail(process: ProcessHandle) -> str:
+    """Return the last lines of a process log, or why they could not be read."""
+    try:
+        return process.read_log(max_lines=LOG_TAIL_LINES)
+    except Exception as error:  # the error message must still name the worker
+        return f"(log {process.log_path!r} is unreadable: {error})"
+
+
+def wait_for_registration(
+    scheduler: ProcessHandle,
+    scheduler_port: int,
+    workers: Sequence[WorkerProcess],
+    timeout: float,
+    clock: Clock,
+) -> None:
+    """Return once every worker has registered; raise WorkerStartError otherwise.
+
+    Raises MasterStartError when the scheduler exits while waiting.
+    """
+    pending = {worker.port: worker for worker in workers}
+    exited: list[tuple[WorkerProcess, int]] = []
+
+    def all_registered_or_failed() -> bool:
+        if scheduler.poll() is not None:
+            return True
+        for port in registered_worker_ports(scheduler.read_log()):
+            pending.pop(port, None)
+        if not pending:
+            return True
+
+        codes = clock.map(lambda worker: worker.process.poll(), list(pending.values()))
+        exited.extend(
+            (worker, code) for worker, code in zip(pending.values(), codes, strict=True) if code is not None
+        )
+        return bool(exited)
+
+    clock.wait_until(all_registered_or_failed, timeout)
+
+    code = scheduler.poll()
+    if code is not None:
+        raise MasterStartError(
+            scheduler.host,
+            scheduler_port,
+            f"the scheduler exited with code {code} while workers registered. "
+            f"Last log lines:\n{read_tail(scheduler)}",
+        )
+    if exited:
+        raise WorkerStartError(failure_of(worker, f"exited with code {code}") for worker, code in exited)
+    if pending:
+        reason = f"did not register with the scheduler within {timeout:g} s"
+        raise WorkerStartError(failure_of(worker, reason) for worker in pending.values())
+
+
+def failure_of(worker: WorkerProcess, reason: str) -> WorkerFailure:
+    """Describe a failed worker with the tail of its log."""
+    return WorkerFailure(worker.host, worker.port, worker.name, reason, read_tail(worker.process))

@@ -1,0 +1,364 @@
+"""Generic clusters on a `RuntimeGroup`: a master process plus worker processes.
+
+`MasterLauncher` starts the master, `WorkerLauncher` the workers, and
+`MasterWorkerCluster` drives both: choose ports, start the master, start the
+workers, and stop everything again on failure, on `cleanup()` and at
+interpreter exit. `lazycluster.cluster.dask_cluster` builds the Dask cluster
+on these classes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lazycluster.cluster.ports import (
+    manager_transport,
+    remote_transports,
+    validate_port_list,
+)
+from lazycluster.cluster.teardown import close_tunnels, stop_processes
+from lazycluster.cluster.tunnel_mesh import plan_worker_tunnels
+from lazycluster.exceptions import LazyclusterError, PortInUseError
+from lazycluster.transport import ProcessHandle, Tunnel, validate_port
+
+if TYPE_CHECKING:
+    from lazycluster.runtime_mgmt import RuntimeGroup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerProcess:
+    """One started worker: its index in the round robin, name, host, port and process."""
+
+    index: int
+    name: str
+    host: str
+    port: int
+    process: ProcessHandle
+
+
+def print_process_log(title: str, process: ProcessHandle | None) -> None:
+    """Print the log of a process under a header line."""
+    print(f"----- {title} -----")
+    if process is None:
+        print("(not started)")
+        return
+    try:
+        print(process.read_log())
+    except Exception as error:  # a lost host must not stop printing the other logs
+        print(f"(log {process.log_path!r} on host {process.host!r} is unreadable: {error})")
+
+
+class MasterLauncher(ABC):
+    """Strategy for starting the master instance of a cluster.
+
+    Subclasses implement `start`; they set `_port` and `_process` and add the
+    tunnels they open to `_tunnels`, so that `cleanup()` stops all of it.
+    """
+
+    def __init__(self, runtime_group: RuntimeGroup) -> None:
+        """Keep the group in which the master serves workers."""
+        self._group = runtime_group
+        self._port: int | None = None
+        self._process: ProcessHandle | None = None
+        self._tunnels: list[Tunnel] = []
+
+    @property
+    def port(self) -> int | None:
+        """The port the master listens on, or None while it is not started."""
+        return self._port
+
+    @property
+    def process(self) -> ProcessHandle | None:
+        """The handle of the master process, or None while it is not started."""
+        return self._process
+
+    @abstractmethod
+    def start(self, ports: list[int] | int, timeout: float = 3, debug: bool = False) -> list[int]:
+        """Start the master on a port of `ports`; return the ports left in the list.
+
+        A single port that is not free raises `PortInUseError`, a list without a
+        free port raises `NoPortsLeftError`, and a master that does not come up
+        within `timeout` seconds raises `MasterStartError`.
+        """
+
+    def cleanup(self) -> None:
+        """Close the master's tunnels and stop its process. Calling it twice is harmless."""
+        clock = manager_transport().clock
+        tunnels, self._tunnels = self._tunnels, []
+        close_tunnels(tunnels, clock)
+
+        if self._process is not None:
+            stop_processes([self._process], clock, what="master")
+        self._port = None
+
+
+class WorkerLauncher(ABC):
+    """Strategy for starting the worker instances of a cluster.
+
+    Subclasses implement `start`; they add each started worker to `_workers`
+    and its port to `_ports_per_host`. `setup_worker_ssh_tunnels()` and
+    `cleanup()` work from these.
+    """
+
+    def __init__(self, runtime_group: RuntimeGroup) -> None:
+        """Keep the group in which the workers are started."""
+        self._group = runtime_group
+        self._ports_per_host: dict[str, list[int]] = {}
+        self._workers: list[WorkerProcess] = []
+        self._tunnels: list[Tunnel] = []
+        self._lock = threading.Lock()
+
+    @property
+    def ports_per_host(self) -> dict[str, list[int]]:
+        """The worker ports per host: every port where a worker listens on that host."""
+        return {host: list(ports) for host, ports in self._ports_per_host.items()}
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        """Every worker started and not yet stopped, in start order."""
+        return list(self._workers)
+
+    @abstractmethod
+    def start(
+        self, worker_count: int, master_port: int, ports: list[int], debug: bool = False
+    ) -> list[int]:
+        """Start `worker_count` workers attached to the master on `master_port`.
+
+        Returns the ports left in `ports` after the last one used. Too few free
+        ports raise `NoPortsLeftError`.
+        """
+
+    def setup_worker_ssh_tunnels(self) -> None:
+        """Open the forwards that make every worker port reachable from every machine.
+
+        Each remote host gets one batch of local and one batch of remote forwards,
+        all hosts in parallel. Forwards opened by an earlier call are kept.
+        """
+        transports = {transport.host: transport for transport in remote_transports(self._group)}
+        already_open = {(tunnel.host, tunnel.kind, tunnel.listen_port) for tunnel in self._tunnels}
+        plan = plan_worker_tunnels(self._ports_per_host, transports, already_open)
+        if not plan:
+            return
+
+        def open_on(host: str) -> None:
+            transport = transports[host]
+            for kind, pairs in (("local", plan[host].local_pairs), ("remote", plan[host].remote_pairs)):
+                if not pairs:
+                    continue
+                forward = transport.forward_local if kind == "local" else transport.forward_remote
+                tunnels = forward(pairs)
+                with self._lock:
+                    self._tunnels.extend(tunnels)
+            logger.info(
+                "Opened worker tunnels on host %s: %d local, %d remote",
+                host,
+                len(plan[host].local_pairs),
+                len(plan[host].remote_pairs),
+            )
+
+        manager_transport().clock.map(open_on, sorted(plan))
+
+    def cleanup(self) -> None:
+        """Stop every worker and close every worker tunnel. Calling it twice is harmless."""
+        self._discard(self._workers, self._tunnels)
+
+    def _discard(self, workers: Sequence[WorkerProcess], tunnels: Sequence[Tunnel]) -> None:
+        """Stop the given workers, close the given tunnels and forget both."""
+        clock = manager_transport().clock
+        workers, tunnels = list(workers), list(tunnels)
+        stop_processes([worker.process for worker in workers], clock, what="worker")
+        close_tunnels(tunnels, clock)
+
+        with self._lock:
+            self._workers = [worker for worker in self._workers if worker not in workers]
+            self._tunnels = [tunnel for tunnel in self._tunnels if tunnel not in tunnels]
+        self._rebuild_ports_per_host()
+
+    def _rebuild_ports_per_host(self) -> None:
+        """Derive `_ports_per_host` from `_workers`, each host's ports in worker order."""
+        with self._lock:
+            ports_per_host: dict[str, list[int]] = {}
+            for worker in sorted(self._workers, key=lambda worker: worker.index):
+                ports_per_host.setdefault(worker.host, []).append(worker.port)
+            self._ports_per_host = ports_per_host
+
+
+class RuntimeCluster(ABC):
+    """A cluster of processes on the runtimes of a group; usable as a context manager."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start the cluster."""
+
+    @abstractmethod
+    def cleanup(self) -> None:
+        """Stop everything the cluster started. Calling it twice is harmless."""
+
+    @abstractmethod
+    def print_log(self) -> None:
+        """Print the logs of the cluster's processes."""
+
+    def __enter__(self) -> RuntimeCluster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()
+
+
+class MasterWorkerCluster(RuntimeCluster):
+    """A master plus workers on a `RuntimeGroup`, started by pluggable launchers."""
+
+    DEFAULT_MASTER_PORT = 60000
+    DEFAULT_PORT_RANGE_START = 60001  # inclusive
+    DEFAULT_PORT_RANGE_END = 60200  # exclusive
+
+    # Bound on the master start inside `start()`. `start()` returns as soon as
+    # the master listens, so a generous bound costs nothing when all goes well.
+    master_start_timeout: float = 30.0
+
+    def __init__(
+        self,
+        runtime_group: RuntimeGroup,
+        ports: list[int] | None = None,
+        master_launcher: MasterLauncher | None = None,
+        worker_launcher: WorkerLauncher | None = None,
+    ) -> None:
+        """Prepare a cluster on `runtime_group`; nothing starts before `start()`.
+
+        `ports` are the candidates for the master (when its default port is
+        taken) and the workers; by default DEFAULT_PORT_RANGE_START up to, not
+        including, DEFAULT_PORT_RANGE_END.
+        """
+        if runtime_group is None:
+            raise ValueError("Invalid runtime_group None: pass the RuntimeGroup to start the cluster in.")
+        self._group = runtime_group
+        if ports is None:
+            ports = list(range(self.DEFAULT_PORT_RANGE_START, self.DEFAULT_PORT_RANGE_END))
+        self._ports = validate_port_list(ports)
+        self._master_launcher = master_launcher or self._default_master_launcher(runtime_group)
+        self._worker_launcher = worker_launcher or self._default_worker_launcher(runtime_group)
+        self._atexit_registered = False
+
+    def _default_master_launcher(self, runtime_group: RuntimeGroup) -> MasterLauncher:
+        raise ValueError(f"{type(self).__name__} needs a master_launcher: pass a MasterLauncher.")
+
+    def _default_worker_launcher(self, runtime_group: RuntimeGroup) -> WorkerLauncher:
+        raise ValueError(f"{type(self).__name__} needs a worker_launcher: pass a WorkerLauncher.")
+
+    @property
+    def master_port(self) -> int | None:
+        """The port of the master instance, or None while it is not started."""
+        return self._master_launcher.port
+
+    @property
+    def runtime_group(self) -> RuntimeGroup:
+        """The group the cluster runs in."""
+        return self._group
+
+    @property
+    def ports(self) -> list[int]:
+        """The candidate ports not used yet."""
+        return list(self._ports)
+
+    def start(
+        self, worker_count: int | None = None, master_port: int | None = None, debug: bool = False
+    ) -> None:
+        """Start the master and `worker_count` workers (default: one per runtime).
+
+        A failed or interrupted start, Ctrl-C included, stops everything it
+        started before the error propagates.
+        """
+        clock = manager_transport().clock
+        started_at = clock.monotonic()
+        self._register_atexit()
+        try:
+            self.start_master(master_port, timeout=self.master_start_timeout, debug=debug)
+            self.start_workers(worker_count, debug=debug)
+        except BaseException as error:
+            logger.warning("Cluster start failed, cleaning up: %s", error)
+            self.cleanup()
+            raise
+
+        logger.info(
+            "Cluster ready in %.1f s: master port %s, %d worker(s) on hosts %s",
+            clock.monotonic() - started_at,
+            self.master_port,
+            sum(len(ports) for ports in self._worker_launcher.ports_per_host.values()),
+            ", ".join(self._worker_launcher.ports_per_host),
+        )
+
+    def start_master(
+        self, master_port: int | None = None, timeout: float = 3, debug: bool = False
+    ) -> None:
+        """Start the master on `master_port`; else DEFAULT_MASTER_PORT when it is free
+        everywhere; else the first free port of the port list, which then shrinks.
+        """
+        self._register_atexit()
+        launcher = self._master_launcher
+        if master_port is not None:
+            launcher.start(validate_port(master_port, "master_port"), timeout)
+        else:
+            try:
+                launcher.start(self.DEFAULT_MASTER_PORT, timeout)
+            except PortInUseError as error:
+                logger.info("%s; starting the master on a port of the port list instead", error)
+                self._ports = launcher.start(self._ports, timeout)
+
+        if debug:
+            print_process_log("master", launcher.process)
+
+    def start_workers(self, count: int | None = None, debug: bool = False) -> None:
+        """Start `count` workers (default: one per runtime) attached to the running master."""
+        if self.master_port is None:
+            raise LazyclusterError("The master is not running. Call start_master() before start_workers().")
+        if count is None:
+            count = self._group.runtime_count
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"Invalid worker count {count!r}: expected an int of at least 1.")
+
+        self._register_atexit()
+        self._ports = self._worker_launcher.start(count, self.master_port, self._ports)
+        if debug:
+            for worker in self._worker_launcher.workers:
+                print_process_log(f"{worker.name} on {worker.host}:{worker.port}", worker.process)
+
+    def print_log(self) -> None:
+        """Print the log of the master and of every worker."""
+        print_process_log("master", self._master_launcher.process)
+        for worker in self._worker_launcher.workers:
+            print_process_log(f"{worker.name} on {worker.host}:{worker.port}", worker.process)
+
+    def cleanup(self) -> None:
+        """Stop the workers, then the master, and close every tunnel. Calling it twice is harmless."""
+        self._worker_launcher.cleanup()
+        self._master_launcher.cleanup()
+        if self._atexit_registered:
+            atexit.unregister(self.cleanup)
+            self._atexit_registered = False
+            logger.info("Cluster stopped on hosts %s", ", ".join(self._group.hosts))
+
+    def _register_atexit(self) -> None:
+        # Stops the processes when the interpreter exits without cleanup();
+        # a killed interpreter relies on the workers' death timeout instead.
+        if not self._atexit_registered:
+            atexit.register(self.cleanup)
+            self._atexit_registered = True
+
+    def __enter__(self) -> MasterWorkerCluster:
+        """Start the cluster with its defaults unless `start()` ran already."""
+        if self.master_port is None:
+            self.start()
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} hosts={self._group.hosts!r} master_port={self.master_port}>"
+        )

@@ -1,0 +1,68 @@
+"""Checking that every host runs the manager's version of `distributed`.
+
+The rule is equality of the version strings. Dask does not promise that
+scheduler and workers of different `distributed` releases understand each
+other's messages, and its own `Client` warns about any difference. Nothing is
+installed on a host: a mismatch fails the start with the fix in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from lazycluster.exceptions import VersionMismatchError
+from lazycluster.host_commands import DISTRIBUTED_VERSION_SNIPPET, python_command
+from lazycluster.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+PACKAGE = "distributed"
+
+# Seconds for the version probe on one host; it only reads package metadata.
+PROBE_TIMEOUT = 60.0
+
+
+def manager_distributed_version() -> str:
+    """Return the version of `distributed` installed for the manager's interpreter."""
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError as error:
+        raise ImportError(
+            "The manager has no 'distributed' package. Install it with "
+            "`python -m pip install distributed`."
+        ) from error
+
+
+def host_distributed_version(transport: Transport) -> str | None:
+    """Return the host's `distributed` version, or None when python3 there has none."""
+    result = transport.run(python_command(DISTRIBUTED_VERSION_SNIPPET), timeout=PROBE_TIMEOUT)
+    if not result.ok:
+        logger.warning(
+            "Version probe failed on host %s with exit code %d: %s",
+            transport.host,
+            result.exit_code,
+            result.stderr.strip()[-500:],
+        )
+        return None
+    return result.stdout.strip() or None
+
+
+def check_distributed_versions(runtimes: Sequence[Any]) -> None:
+    """Raise VersionMismatchError for the first remote runtime whose `distributed` differs.
+
+    One probe per host, all hosts in parallel. Runtimes on the manager's own
+    machine run the manager's interpreter and need no probe.
+    """
+    expected = manager_distributed_version()
+    remote = [runtime.transport for runtime in runtimes if not runtime.transport.is_local]
+    if not remote:
+        return
+
+    found = remote[0].clock.map(host_distributed_version, remote)
+    for transport, host_version in zip(remote, found, strict=True):
+        if host_version != expected:
+            raise VersionMismatchError(transport.host, PACKAGE, host_version, expected)
+    logger.info("Hosts %s have distributed %s", ", ".join(t.host for t in remote), expected)
