@@ -144,7 +144,11 @@ except ImportError as error:
 try:
     function, kwargs = cloudpickle.loads(sys.stdin.buffer.read())
 except Exception:
-    sys.stderr.write("Failed to load the function sent by the manager:\n")
+    sys.stderr.write(
+        "Failed to load the function sent by the manager with cloudpickle %s on Python %s. "
+        "The host needs the manager's cloudpickle and Python versions.\n"
+        % (cloudpickle.__version__, sys.version.split()[0])
+    )
     traceback.print_exc()
     sys.exit(3)
 

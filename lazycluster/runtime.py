@@ -1,0 +1,497 @@
+"""Runtime: one host reached through the transport seam, usually over SSH.
+
+A Runtime checks at construction that the host answers and has a usable
+python3, keeps a working directory there, runs `RuntimeTask`s and opens
+tunnels (see `RuntimePortsMixin`). `cleanup()` undoes everything it started.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import logging
+import posixpath
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from lazycluster import host_commands
+from lazycluster.exceptions import (
+    CommandTimeoutError,
+    InvalidRuntimeError,
+    LazyclusterError,
+    PathCreationError,
+    TransportError,
+)
+from lazycluster.runtime_ports import LOCALHOST, RuntimePortsMixin
+from lazycluster.task import RuntimeTask
+from lazycluster.transport import Transport, Tunnel, get_backend
+from lazycluster.validation import (
+    check_env_variables,
+    check_host,
+    check_non_empty_str,
+    check_working_dir,
+)
+
+logger = logging.getLogger(__name__)
+
+# Seconds the construction check may take: login plus one python3 start.
+DEFAULT_PROBE_TIMEOUT = 60.0
+
+# Runtimes not yet cleaned up; the exit handler below cleans them.
+_live_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+@atexit.register
+def _cleanup_live_runtimes() -> None:
+    for runtime in list(_live_runtimes):
+        try:
+            runtime.cleanup()
+        except Exception:
+            logger.warning("Cleanup at exit failed for host %s", runtime.host, exc_info=True)
+
+
+class Runtime(RuntimePortsMixin):
+    """One host where tasks run, files go and ports are exposed.
+
+    Without `working_dir`, a temporary directory is created on the host at first
+    use and removed by `cleanup()`. A given `working_dir` is created if missing
+    and kept; a relative one is relative to the login user's home directory.
+    Without `transport`, the active backend connects to `host`. The Runtime
+    closes its transport at cleanup, unless it is the backend's shared
+    transport of the manager's own machine.
+    """
+
+    WORKING_DIR_ENV_VAR_NAME = "WORKING_DIR"
+    LOCALHOST = LOCALHOST
+
+    def __init__(
+        self,
+        host: str,
+        working_dir: str | None = None,
+        connection_kwargs: Mapping[str, Any] | None = None,
+        transport: Transport | None = None,
+        *,
+        probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
+    ) -> None:
+        self._host = check_host(host)
+        if working_dir is not None:
+            check_working_dir(working_dir)
+        if connection_kwargs is not None and not isinstance(connection_kwargs, Mapping):
+            raise TypeError(f"Invalid connection_kwargs {connection_kwargs!r}: expected a dict.")
+        if transport is not None and not isinstance(transport, Transport):
+            raise TypeError(f"Invalid transport {transport!r}: expected a Transport.")
+
+        self._connection_kwargs = dict(connection_kwargs or {})
+        self._env_variables: dict[str, str] = {}
+        self._processes: dict[str, RuntimeTask | Tunnel | None] = {}
+        self._tasks: list[RuntimeTask] = []
+        self._temp_dirs: list[str] = []
+        self._working_dir: str | None = None
+        self._key_counter = itertools.count()
+        self._closed = False
+
+        self._transport = transport if transport is not None else self._connect()
+        self._owns_transport = self._transport is not _shared_local_transport()
+        try:
+            self._info = self._probe(probe_timeout)
+            if working_dir is not None:
+                self.working_dir = working_dir
+        except BaseException:
+            self._close_transport()
+            raise
+
+        _live_runtimes.add(self)
+        logger.info("Runtime %s ready (python %s)", self._host, self._info["python_version"])
+
+    # --- connection ------------------------------------------------------------
+
+    def _connect(self) -> Transport:
+        try:
+            return get_backend().connect(self._host, self._connection_kwargs)
+        except (TransportError, OSError) as error:
+            raise InvalidRuntimeError(self._host, f"connection failed: {error}", error) from error
+
+    def _probe(self, timeout: float) -> dict[str, Any]:
+        """Check in one round trip that python3 >= 3.8 answers, and read the host info."""
+        command = host_commands.python_command(host_commands.HOST_INFO_SNIPPET)
+        try:
+            result = self._transport.run(command, timeout=timeout)
+        except CommandTimeoutError as error:
+            raise InvalidRuntimeError(self._host, f"the check timed out after {timeout:g} s", error) from error
+        except (TransportError, OSError) as error:
+            raise InvalidRuntimeError(self._host, f"connection failed: {error}", error) from error
+
+        if result.exit_code == 127:
+            raise InvalidRuntimeError(self._host, "python3 was not found on the PATH")
+        if result.exit_code != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            raise InvalidRuntimeError(
+                self._host, f"python3 failed with exit code {result.exit_code}: {' '.join(tail)}"
+            )
+        try:
+            info = json.loads(result.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError) as error:
+            raise InvalidRuntimeError(self._host, f"unreadable host info {result.stdout!r}") from error
+
+        version = tuple(info.get("python_version_info", ()))
+        if version < host_commands.MIN_PYTHON_VERSION:
+            minimum = ".".join(map(str, host_commands.MIN_PYTHON_VERSION))
+            raise InvalidRuntimeError(
+                self._host, f"python3 is version {info.get('python_version')}, need {minimum} or newer"
+            )
+        return dict(info)
+
+    @property
+    def transport(self) -> Transport:
+        """The transport to the host; after `cleanup()` a new connection is opened on use."""
+        if self._closed:
+            logger.info("Reconnecting to host %s after cleanup", self._host)
+            self._transport = self._connect()
+            self._owns_transport = True
+            self._closed = False
+            _live_runtimes.add(self)
+        return self._transport
+
+    def _run(self, command: Sequence[str], timeout: float | None = None) -> Any:
+        return self.transport.run(command, timeout=timeout)
+
+    # --- identity and info -----------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """Host alias or name of this runtime."""
+        return self._host
+
+    @property
+    def class_name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Host facts read at construction: os, cpu_cores, memory (bytes), python_version, gpus."""
+        return {key: self._info[key] for key in ("os", "cpu_cores", "memory", "python_version", "gpus")}
+
+    @property
+    def os(self) -> str:
+        return str(self._info["os"])
+
+    @property
+    def cpu_cores(self) -> int:
+        return int(self._info["cpu_cores"])
+
+    @property
+    def memory(self) -> int:
+        """Physical memory of the host in bytes."""
+        return int(self._info["memory"])
+
+    @property
+    def memory_in_mb(self) -> int:
+        return self.memory // (1024 * 1024)
+
+    @property
+    def python_version(self) -> str:
+        return str(self._info["python_version"])
+
+    @property
+    def gpus(self) -> list[str]:
+        """One "name, memory" entry per GPU that nvidia-smi lists; empty without one."""
+        return list(self._info["gpus"])
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self._info["gpus"])
+
+    def print_info(self) -> None:
+        """Print the host facts to stdout."""
+        print(f"{self._host}: {json.dumps(self.info, indent=2)}")
+
+    def __repr__(self) -> str:
+        return f"<Runtime {self._host!r} working_dir={self._working_dir!r}>"
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()
+
+    # --- working directory and environment --------------------------------------
+
+    @property
+    def working_dir(self) -> str:
+        """Absolute working directory on the host; a temporary one is created at first use."""
+        if self._working_dir is None:
+            self._working_dir = self.create_tempdir()
+        return self._working_dir
+
+    @working_dir.setter
+    def working_dir(self, working_dir: str) -> None:
+        path = self._absolute_path(check_working_dir(working_dir))
+        self.create_dir(path)
+        self._working_dir = path
+
+    def _absolute_path(self, path: str) -> str:
+        home = str(self._info["home"])
+        if path == "~":
+            return home
+        if path.startswith("~/"):
+            path = path[2:]
+        return posixpath.normpath(posixpath.join(home, path))
+
+    @property
+    def env_variables(self) -> dict[str, str]:
+        """Environment variables of every task, including WORKING_DIR."""
+        return {**self._env_variables, self.WORKING_DIR_ENV_VAR_NAME: self.working_dir}
+
+    @env_variables.setter
+    def env_variables(self, env_variables: Mapping[str, str]) -> None:
+        self._env_variables = self._check_user_env(env_variables)
+
+    def add_env_variables(self, env_variables: Mapping[str, str]) -> None:
+        """Add or update environment variables of every task."""
+        self._env_variables.update(self._check_user_env(env_variables))
+
+    def _check_user_env(self, env_variables: Mapping[str, str]) -> dict[str, str]:
+        checked = check_env_variables(env_variables)
+        if self.WORKING_DIR_ENV_VAR_NAME in checked:
+            raise ValueError(
+                f"Invalid environment variable {self.WORKING_DIR_ENV_VAR_NAME!r}: it is set "
+                "from the working directory, so set Runtime.working_dir instead."
+            )
+        return checked
+
+    def create_tempdir(self) -> str:
+        """Create a temporary directory on the host, removed at cleanup, and return its path."""
+        result = self._run(host_commands.make_temp_dir())
+        path = result.stdout.strip()
+        if result.exit_code != 0 or not path:
+            raise PathCreationError(
+                "<temporary directory>", self._host, reason=(result.stderr or result.stdout).strip()
+            )
+        self._temp_dirs.append(path)
+        logger.info("Created temporary directory %s on host %s", path, self._host)
+        return path
+
+    def create_dir(self, path: str) -> None:
+        """Create `path` and its parents on the host; an existing directory is fine."""
+        check_non_empty_str(path, "path")
+        result = self._run(host_commands.make_dir(path))
+        if result.exit_code != 0:
+            raise PathCreationError(path, self._host, reason=(result.stderr or result.stdout).strip())
+
+    def delete_dir(self, path: str) -> bool:
+        """Remove `path` and its content on the host; return whether that succeeded."""
+        check_non_empty_str(path, "path")
+        normalized = posixpath.normpath(path)
+        if normalized in ("/", ".", "~", str(self._info["home"])):
+            raise ValueError(f"Refusing to delete {path!r} on host {self._host!r}: pass a subdirectory.")
+        result = self._run(host_commands.remove_dir(path))
+        if result.exit_code != 0:
+            logger.warning("Failed to delete %s on host %s: %s", path, self._host, result.stderr.strip())
+        return result.exit_code == 0
+
+    def echo(self, msg: str) -> str:
+        """Print `msg` on the host and return what came back (without the trailing newline)."""
+        if not isinstance(msg, str):
+            raise TypeError(f"Invalid message {msg!r}: expected a string.")
+        result = self._run(host_commands.echo(msg)).check()
+        return str(result.stdout)[:-1] if result.stdout.endswith("\n") else str(result.stdout)
+
+    # --- tasks -------------------------------------------------------------------
+
+    def execute_task(
+        self,
+        task: RuntimeTask,
+        execute_async: bool = True,
+        omit_on_join: bool = False,
+        debug: bool = False,
+    ) -> RuntimeTask:
+        """Run `task` in the working directory with the env variables; return the task.
+
+        Asynchronous execution returns at once; `join()` waits and raises the
+        first TaskExecutionError. Synchronous execution raises it directly.
+        """
+        if not isinstance(task, RuntimeTask):
+            raise TypeError(f"Invalid task {task!r}: expected a RuntimeTask.")
+        if task.is_running:
+            raise ValueError(f"Task {task.name!r} is already running: pass a copy.deepcopy() of it.")
+
+        task.omit_on_join = omit_on_join
+        working_dir = self.working_dir
+        env = self.env_variables
+        self._processes[self._new_key(f"task-{task.name}")] = task
+        self._tasks.append(task)
+
+        if execute_async:
+            task.execute_async(self.transport, debug, working_dir=working_dir, env_variables=env)
+        else:
+            task.execute(self.transport, debug, working_dir=working_dir, env_variables=env)
+        return task
+
+    def execute_function(self, function: Callable[..., Any], **kwargs: Any) -> RuntimeTask:
+        """Run `function(**kwargs)` on the host asynchronously; its value is in `function_returns`."""
+        name = getattr(function, "__name__", "function")
+        task = RuntimeTask(f"{name}-{next(self._key_counter)}").run_function(function, **kwargs)
+        return self.execute_task(task, execute_async=True)
+
+    def send_file(
+        self, local_path: str, remote_path: str | None = None, execute_async: bool = False
+    ) -> RuntimeTask:
+        """Copy a local file or folder to the host; a relative remote path is in the working dir."""
+        task = RuntimeTask(f"send-file-{next(self._key_counter)}").send_file(local_path, remote_path)
+        return self.execute_task(task, execute_async=execute_async)
+
+    def get_file(
+        self, remote_path: str, local_path: str | None = None, execute_async: bool = False
+    ) -> RuntimeTask:
+        """Copy a file or folder from the host to the manager."""
+        task = RuntimeTask(f"get-file-{next(self._key_counter)}").get_file(remote_path, local_path)
+        return self.execute_task(task, execute_async=execute_async)
+
+    def join(self) -> None:
+        """Wait for every task not started with `omit_on_join`; raise the first failure."""
+        first_error: BaseException | None = None
+        for task in list(self._tasks):
+            if task.omit_on_join:
+                continue
+            try:
+                task.join()
+            except LazyclusterError as error:
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
+
+    @property
+    def task_processes(self) -> list[Any]:
+        """The futures of the asynchronous tasks."""
+        return [task.process for task in self._tasks if task.process is not None]
+
+    @property
+    def function_returns(self) -> Iterator[Any]:
+        """Generator of the return values of all tasks' functions, waiting for each task."""
+        for task in list(self._tasks):
+            yield from task.function_returns
+
+    def execution_log(self, task_name: str) -> list[str]:
+        """Return the execution log of the latest task called `task_name`."""
+        for task in reversed(self._tasks):
+            if task.name == task_name:
+                return task.execution_log
+        raise ValueError(
+            f"No task named {task_name!r} ran on runtime {self._host!r}: known tasks are "
+            f"{[task.name for task in self._tasks]}."
+        )
+
+    def print_log(self) -> None:
+        """Print the execution log of every task to stdout."""
+        for task in self._tasks:
+            print(f"--- {task.name} on {self._host} ---")
+            task.print_log()
+
+    def clear_tasks(self) -> None:
+        """Forget the finished tasks."""
+        finished = [task for task in self._tasks if not task.is_running]
+        self._tasks = [task for task in self._tasks if task.is_running]
+        for key, value in list(self._processes.items()):
+            if isinstance(value, RuntimeTask) and value in finished:
+                del self._processes[key]
+
+    # --- filters -----------------------------------------------------------------
+
+    def check_filter(
+        self,
+        gpu_required: bool = False,
+        min_memory: int | None = None,
+        min_cpu_cores: int | None = None,
+        installed_executables: str | list[str] | None = None,
+        filter_commands: str | list[str] | None = None,
+    ) -> bool:
+        """Return whether the host meets every given requirement; `min_memory` is in MB.
+
+        A filter command passes when its output, stripped, is `true`.
+        """
+        executables = _as_str_list(installed_executables, "installed_executables")
+        commands = _as_str_list(filter_commands, "filter_commands")
+        for name in executables:
+            if name.startswith("-") or any(character.isspace() for character in name):
+                raise ValueError(f"Invalid executable name {name!r} in installed_executables.")
+        if min_memory is not None and min_memory < 0 or min_cpu_cores is not None and min_cpu_cores < 0:
+            raise ValueError("Invalid filter: min_memory and min_cpu_cores must not be negative.")
+
+        if gpu_required and self.gpu_count == 0:
+            return False
+        if min_memory is not None and self.memory_in_mb < min_memory:
+            return False
+        if min_cpu_cores is not None and self.cpu_cores < min_cpu_cores:
+            return False
+        if executables:
+            missing = self._run(host_commands.find_missing_executables(executables)).stdout.split()
+            if missing:
+                logger.info("Host %s lacks executables %s", self._host, missing)
+                return False
+        for command in commands:
+            result = self.transport.run(command, env=self.env_variables, cwd=self.working_dir)
+            if result.stdout.strip().lower() != "true":
+                return False
+        return True
+
+    # --- cleanup -----------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Stop every tunnel and task this Runtime started and remove its temporary directories.
+
+        Closing the connection also stops a task that is still running. Calling it twice is harmless.
+        """
+        if self._closed:
+            return
+        logger.info("Cleaning up runtime %s", self._host)
+        _live_runtimes.discard(self)
+
+        for key in list(self._processes):
+            value = self._processes.pop(key)
+            if isinstance(value, Tunnel):
+                value.close()
+
+        if self._temp_dirs:
+            temp_dirs, self._temp_dirs = self._temp_dirs, []
+            if self._working_dir in temp_dirs:
+                self._working_dir = None
+            self._remove_temp_dirs(temp_dirs)
+
+        self._close_transport()
+        self._closed = True
+
+    def _remove_temp_dirs(self, paths: list[str]) -> None:
+        try:
+            for path in paths:
+                result = self._transport.run(host_commands.remove_dir(path), timeout=DEFAULT_PROBE_TIMEOUT)
+                if result.exit_code != 0:
+                    logger.warning("Failed to remove %s on host %s: %s", path, self._host, result.stderr)
+        except (LazyclusterError, OSError) as error:
+            logger.warning("Failed to remove temporary directories on host %s: %s", self._host, error)
+
+    def _close_transport(self) -> None:
+        if not self._owns_transport:
+            return
+        try:
+            self._transport.close()
+        except (LazyclusterError, OSError) as error:
+            logger.warning("Closing the connection to host %s failed: %s", self._host, error)
+
+
+def _shared_local_transport() -> Transport | None:
+    try:
+        return get_backend().local()
+    except (LazyclusterError, OSError, NotImplementedError):
+        return None
+
+
+def _as_str_list(value: str | Sequence[str] | None, name: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Sequence):
+        raise TypeError(f"Invalid {name} {value!r}: expected a string or a list of strings.")
+    return [check_non_empty_str(item, name) for item in value]
