@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Make a Docker engine answer `docker info`, and make mmdebstrap available.
+#
+# On a Debian machine where this runs as root, missing packages (docker.io,
+# mmdebstrap) are installed with apt-get and, when no engine answers, dockerd
+# is started in the background. Anywhere else the script prints what to install
+# and exits non-zero. An engine that already answers is left alone.
+set -euo pipefail
+
+WAIT_SECONDS="${DOCKER_UP_WAIT_SECONDS:-60}"
+DOCKERD_LOG="${DOCKERD_LOG:-/var/log/lazycluster-dockerd.log}"
+
+log() { printf 'docker-up: %s\n' "$*" >&2; }
+
+is_root() { [ "$(id -u)" = 0 ]; }
+
+is_debian() { [ -r /etc/debian_version ] && command -v apt-get >/dev/null; }
+
+missing_packages() {
+    local missing=()
+    command -v docker >/dev/null || missing+=(docker.io)
+    command -v dockerd >/dev/null || missing+=(docker.io)
+    command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+    printf '%s\n' "${missing[@]}" | sort -u | grep -v '^$' || true
+}
+
+install_packages() {
+    local packages
+    packages="$(missing_packages)"
+    [ -z "$packages" ] && return 0
+
+    if ! is_root || ! is_debian; then
+        log "missing: $(echo $packages). Install them (on Debian: sudo apt-get install -y $(echo $packages)) and rerun."
+        exit 1
+    fi
+
+    log "installing $(echo $packages) with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086  # one word per package
+    apt-get install -y -q --no-install-recommends $packages
+}
+
+engine_answers() { docker info >/dev/null 2>&1; }
+
+start_dockerd() {
+    if ! is_root; then
+        log "no Docker engine answers and you are not root. Start dockerd (sudo dockerd &) or add yourself to the docker group, then rerun."
+        exit 1
+    fi
+
+    log "starting dockerd in the background, log in $DOCKERD_LOG"
+    # setsid + nohup: the engine must outlive this script and its terminal.
+    setsid nohup dockerd >"$DOCKERD_LOG" 2>&1 </dev/null &
+    log "dockerd pid $!"
+}
+
+wait_for_engine() {
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    while ! engine_answers; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            log "dockerd did not answer within ${WAIT_SECONDS}s; last lines of $DOCKERD_LOG:"
+            tail -n 20 "$DOCKERD_LOG" >&2 || true
+            exit 1
+        fi
+        sleep 1
+    done
+}
+
+install_packages
+
+if engine_answers; then
+    log "Docker engine answers"
+    exit 0
+fi
+
+start_dockerd
+wait_for_engine
+log "Docker engine answers after $SECONDS s"
