@@ -1,0 +1,398 @@
+"""`SimTransport`: the transport seam implemented on a simulated host.
+
+It keeps the contract of `lazycluster.transport.base.Transport` and raises the
+exceptions the real transports raise, so library code takes its real error
+paths in simulation too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import stat
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from lazycluster.exceptions import (
+    CommandTimeoutError,
+    ConnectionLostError,
+    PortInUseError,
+)
+from lazycluster.transport.base import (
+    DEFAULT_STOP_GRACE,
+    Command,
+    CommandResult,
+    ProcessHandle,
+    Transport,
+    Tunnel,
+    command_to_shell,
+    validate_port,
+)
+from sim.commands import CommandProgram, CommandRunner, CommandTimedOut
+from sim.process import SIGKILL, SIGTERM, SimProcess
+
+if TYPE_CHECKING:
+    from sim.host import SimHost
+    from sim.network import Network
+
+logger = logging.getLogger(__name__)
+
+# Prefix of the temporary directories the library and this transport create;
+# `Network.assert_clean` reports any that remain.
+TEMP_PREFIX = "lazycluster"
+
+
+class SimTunnel(Tunnel):
+    """A forwarded port: `listen_host` listens on `listen_port` and connects to `target_port`
+    on `target_host`."""
+
+    def __init__(
+        self,
+        transport: SimTransport,
+        kind: str,
+        listen_host: SimHost,
+        listen_port: int,
+        target_host: SimHost,
+        target_port: int,
+    ) -> None:
+        self.host = transport.host
+        self.kind = kind
+        self.listen_port = listen_port
+        self.target_port = target_port
+        self.listen_host = listen_host
+        self.target_host = target_host
+        self._open = True
+        self._watchers: list[Callable[[SimTunnel], None]] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def watch_close(self, watcher: Callable[[SimTunnel], None]) -> None:
+        if self._watchers is None:
+            self._watchers = []
+        self._watchers.append(watcher)
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self.listen_host.release(self.listen_port, self)
+        watchers, self._watchers = self._watchers or [], None
+        for watcher in watchers:
+            watcher(self)
+
+
+class SimProcessHandle(ProcessHandle):
+    """The library's handle to a simulated process; every call is a round trip to the host."""
+
+    def __init__(self, transport: SimTransport, process: SimProcess) -> None:
+        self.transport = transport
+        self.process = process
+        self.host = transport.host
+        self.pid = process.pid
+        self.command = process.command
+        self.log_path = process.log_path
+
+    def poll(self) -> int | None:
+        self.transport._enter("poll")
+        return self.process.exit_code
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.transport._enter("wait")
+        clock = self.transport.network.clock
+        deadline = None if timeout is None else clock.monotonic() + timeout
+        while self.process.alive:
+            due = clock.next_event_time()
+            if deadline is not None and (due is None or due > deadline):
+                clock.advance_to(deadline)
+                raise CommandTimeoutError(self.host, f"Waiting for process {self.pid}", timeout or 0)
+            if due is None:
+                raise RuntimeError(
+                    f"Process {self.pid} on simulated host {self.host!r} never exits and nothing "
+                    "else is scheduled; waiting without a timeout would hang forever."
+                )
+            clock.advance_to(due)
+        assert self.process.exit_code is not None
+        return self.process.exit_code
+
+    def stop(self, grace: float = DEFAULT_STOP_GRACE) -> int | None:
+        self.transport._enter("stop")
+        return self.transport._stop_process(self.process, grace)
+
+    def read_log(self, max_lines: int | None = None) -> str:
+        self.transport._enter("read_log")
+        try:
+            text = self.transport.sim_host.fs.read(self.process.log_path).decode(errors="replace")
+        except OSError:
+            return ""
+        if max_lines is None:
+            return text
+        return "".join(text.splitlines(keepends=True)[-max_lines:]) if max_lines > 0 else ""
+
+
+class SimTransport(Transport):
+    """One connection from the manager to a simulated host (or the manager's own machine)."""
+
+    def __init__(self, network: Network, sim_host: SimHost, is_local: bool = False) -> None:
+        self.network = network
+        self.sim_host = sim_host
+        self.host = sim_host.name
+        self.clock = network.clock
+        self.is_local = is_local
+        self._boot = sim_host.boot_count
+        self._closed = False
+        self._lost = False
+        self._processes: list[SimProcessHandle] = []
+        self._tunnels: list[SimTunnel] = []
+        self._log_dir: str | None = None
+
+    # -- connection state -------------------------------------------------
+
+    def _enter(self, operation: str) -> None:
+        """Check the connection before an operation; apply connection faults."""
+        if self._closed:
+            raise ConnectionLostError(
+                self.host, f"The connection to {self.host!r} is closed. Connect again first."
+            )
+        if self.is_local:
+            return
+        if not self._lost:
+            if self.sim_host.unreachable:
+                self._drop("host became unreachable")
+            elif self.sim_host.boot_count != self._boot:
+                self._drop("host restarted")
+            elif self.network.faults.take_drop(self.host, operation):
+                self._drop(f"connection dropped during {operation}")
+        if self._lost:
+            raise ConnectionLostError(
+                self.host,
+                f"The connection to host {self.host!r} was lost during {operation}. "
+                "Check the host and reconnect.",
+            )
+
+    def _drop(self, reason: str) -> None:
+        """Lose the connection: its tunnels die with it, started processes keep running."""
+        self._lost = True
+        self.network.record(self.host, "connection.lost", reason)
+        logger.info("Simulated connection to %s lost: %s", self.host, reason)
+        for tunnel in self._tunnels:
+            tunnel.close()
+
+    # -- commands -----------------------------------------------------------
+
+    def _argv(self, command: Command) -> list[str]:
+        if isinstance(command, str):
+            return ["sh", "-c", command]
+        if not command:
+            raise ValueError("Invalid command []: expected a non-empty argv list or shell string.")
+        return [str(part) for part in command]
+
+    def _environment(self, env: Mapping[str, str] | None) -> dict[str, str]:
+        return {**self.sim_host.env, **(env or {})}
+
+    def _working_dir(self, cwd: str | None) -> str:
+        return self.sim_host.fs.resolve(cwd) if cwd else self.sim_host.home
+
+    def run(
+        self,
+        command: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[str], None] | None = None,
+        stdin: bytes | None = None,
+    ) -> CommandResult:
+        self._enter("run")
+        text = command_to_shell(command)
+        argv = self._argv(command)
+        working_dir = self._working_dir(cwd)
+        self.network.record(self.host, "run", text[:120])
+        if not self.sim_host.fs.is_dir(working_dir):
+            return CommandResult(self.host, text, 2, "", f"sh: 1: cd: can't cd to {cwd}\n")
+
+        deadline = None if timeout is None else self.clock.monotonic() + timeout
+        runner = CommandRunner(
+            self.network, self.sim_host, self._environment(env), working_dir, stdin or b"", deadline
+        )
+        try:
+            code = runner.run_argv(argv)
+        except CommandTimedOut as error:
+            raise CommandTimeoutError(self.host, f"Command {text!r}", timeout or 0) from error
+
+        stdout, stderr = "".join(runner.stdout), "".join(runner.stderr)
+        if on_output is not None:
+            for line in (stdout + stderr).splitlines():
+                on_output(line)
+        return CommandResult(self.host, text, code, stdout, stderr)
+
+    def start_process(
+        self,
+        command: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        log_path: str | None = None,
+    ) -> ProcessHandle:
+        self._enter("start_process")
+        argv = self._argv(command)
+        fs = self.sim_host.fs
+        if log_path is None:
+            log_path = posixpath.join(self._ensure_log_dir(), f"process-{len(self._processes)}.log")
+        program = self.network.match_program(argv) or CommandProgram()
+        process = SimProcess(
+            self.network,
+            self.sim_host,
+            self.network.next_pid(),
+            argv,
+            command_to_shell(command),
+            self._environment(env),
+            self._working_dir(cwd),
+            fs.resolve(log_path),
+            program,
+        )
+        handle = SimProcessHandle(self, process)
+        self._processes.append(handle)
+        process.launch()
+        logger.debug("Started simulated process %s on %s: %s", process.pid, self.host, handle.command)
+        return handle
+
+    def _ensure_log_dir(self) -> str:
+        if self._log_dir is None or not self.sim_host.fs.is_dir(self._log_dir):
+            self._log_dir = self.sim_host.fs.make_temp_directory(
+                self.network.random, "/tmp", f"{TEMP_PREFIX}-logs-"
+            )
+        return self._log_dir
+
+    def _stop_process(self, process: SimProcess, grace: float) -> int | None:
+        if not process.alive:
+            return process.exit_code
+        process.signal(SIGTERM)
+        if process.alive and grace > 0:
+            self.clock.wait_until(lambda: not process.alive, grace)
+        if process.alive:
+            process.signal(SIGKILL)
+        return process.exit_code
+
+    # -- files --------------------------------------------------------------
+
+    def put(self, local_path: str, remote_path: str) -> None:
+        self._enter("put")
+        fs = self.sim_host.fs
+        target = fs.resolve(remote_path)
+        if os.path.isdir(local_path):
+            fs.make_directory(target, parents=True)
+            for root, directories, files in os.walk(local_path):
+                relative = os.path.relpath(root, local_path)
+                base = target if relative == "." else posixpath.join(target, relative)
+                for name in directories:
+                    fs.make_directory(posixpath.join(base, name), parents=True)
+                for name in files:
+                    self._put_file(os.path.join(root, name), posixpath.join(base, name))
+        else:
+            fs.make_directory(posixpath.dirname(target), parents=True)
+            self._put_file(local_path, target)
+        self.network.record(self.host, "put", target)
+
+    def _put_file(self, local_file: str, target: str) -> None:
+        with open(local_file, "rb") as stream:
+            data = stream.read()
+        self.sim_host.fs.write(target, data, mode=stat.S_IMODE(os.stat(local_file).st_mode))
+
+    def get(self, remote_path: str, local_path: str) -> None:
+        self._enter("get")
+        fs = self.sim_host.fs
+        source = fs.resolve(remote_path)
+        if not fs.exists(source):
+            raise FileNotFoundError(f"No file or directory {source!r} on host {self.host!r}.")
+        if fs.is_dir(source):
+            os.makedirs(local_path, exist_ok=True)
+            for path in fs.under(source):
+                local = os.path.join(local_path, posixpath.relpath(path, source))
+                if fs.is_dir(path):
+                    os.makedirs(local, exist_ok=True)
+                else:
+                    self._get_file(path, local)
+        else:
+            self._get_file(source, local_path)
+        self.network.record(self.host, "get", source)
+
+    def _get_file(self, source: str, local_file: str) -> None:
+        data, mode = self.sim_host.fs.files[source]
+        os.makedirs(os.path.dirname(os.path.abspath(local_file)), exist_ok=True)
+        with open(local_file, "wb") as stream:
+            stream.write(data)
+        os.chmod(local_file, mode)
+
+    # -- ports and tunnels --------------------------------------------------
+
+    def ports_in_use(self, ports: Iterable[int]) -> set[int]:
+        self._enter("ports_in_use")
+        port_list = [validate_port(port) for port in ports]
+        table = self.sim_host.ports
+        used = {port for port in port_list if port in table}
+        self.network.faults.after_port_check(self.sim_host, port_list, used)
+        return used
+
+    def forward_local(self, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
+        self._enter("forward_local")
+        return self._forward("local", self.network.manager, self.sim_host, pairs)
+
+    def forward_remote(self, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
+        self._enter("forward_remote")
+        return self._forward("remote", self.sim_host, self.network.manager, pairs)
+
+    def _forward(
+        self, kind: str, listen_host: SimHost, target_host: SimHost, pairs: Sequence[tuple[int, int]]
+    ) -> list[Tunnel]:
+        """Bind every listen port of the batch, or none of them when one is taken."""
+        table = listen_host.ports
+        seen: set[int] = set()
+        for listen_port, target_port in pairs:
+            validate_port(listen_port, "listen port")
+            validate_port(target_port, "target port")
+            if listen_port in table or listen_port in seen:
+                where = "the manager" if listen_host is self.network.manager else f"host {listen_host.name!r}"
+                raise PortInUseError(listen_port, where=where)
+            seen.add(listen_port)
+
+        tunnels: list[Tunnel] = []
+        for listen_port, target_port in pairs:
+            tunnel = SimTunnel(self, kind, listen_host, listen_port, target_host, target_port)
+            table[listen_port] = tunnel
+            tunnels.append(tunnel)
+        self._tunnels.extend(tunnels)  # type: ignore[arg-type]
+        self.network.record(self.host, f"forward_{kind}", f"{len(tunnels)} tunnels")
+        return tunnels
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    @property
+    def processes(self) -> list[ProcessHandle]:
+        return list(self._processes)
+
+    @property
+    def tunnels(self) -> list[Tunnel]:
+        self._tunnels = [tunnel for tunnel in self._tunnels if tunnel.is_open]
+        return list(self._tunnels)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for tunnel in self._tunnels:
+            tunnel.close()
+        self._tunnels = []
+
+        # NOTE: a lost connection still stops processes when the host is reachable,
+        # as a transport that reconnects for cleanup would.
+        if not self.sim_host.unreachable:
+            for handle in self._processes:
+                if handle.process.alive and handle.process.host.boot_count == self._boot:
+                    self._stop_process(handle.process, DEFAULT_STOP_GRACE)
+            if self._log_dir is not None and self.sim_host.fs.is_dir(self._log_dir):
+                self.sim_host.fs.remove(self._log_dir, recursive=True)
+        self._closed = True
+        self.network.record(self.host, "connection.close", "")
+        self.network.forget(self)
