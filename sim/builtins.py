@@ -38,6 +38,55 @@ def echo(call: Call) -> int:
     return 0
 
 
+PRINTF_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", "r": "\r", "a": "\a"}
+
+
+def printf(call: Call) -> int:
+    """printf FORMAT [ARGUMENT...] with %s, %d, %% and backslash escapes in FORMAT."""
+    if len(call.argv) < 2:
+        call.write_error("printf: usage: printf format [arguments]")
+        return 2
+    template, args = call.argv[1], call.argv[2:]
+    pieces: list[str] = []
+    while True:
+        text, args = _format_once(template, args)
+        pieces.append(text)
+        if not args:
+            break
+    call.runner.stdout.append("".join(pieces))
+    return 0
+
+
+def _format_once(template: str, args: list[str]) -> tuple[str, list[str]]:
+    """Apply the format once and return the text and the arguments it did not use."""
+    out: list[str] = []
+    index = 0
+    consumed = False
+    while index < len(template):
+        char = template[index]
+        following = template[index + 1] if index + 1 < len(template) else ""
+        if char == "\\" and following in PRINTF_ESCAPES:
+            out.append(PRINTF_ESCAPES[following])
+            index += 2
+        elif char == "%" and following == "%":
+            out.append("%")
+            index += 2
+        elif char == "%" and following in ("s", "d"):
+            value = args[0] if args else ""
+            args = args[1:]
+            consumed = True
+            out.append(str(int(value or 0)) if following == "d" else value)
+            index += 2
+        elif char == "%":
+            raise NotImplementedError(
+                f"the simulator does not (yet) support printf conversion %{following} in {template!r}"
+            )
+        else:
+            out.append(char)
+            index += 1
+    return "".join(out), args if consumed else []
+
+
 def true(call: Call) -> int:
     return 0
 
@@ -190,6 +239,7 @@ def python(call: Call) -> int:
 
 BUILTINS: dict[str, Handler] = {
     "echo": echo,
+    "printf": printf,
     "true": true,
     "false": false,
     "sleep": sleep,
@@ -202,7 +252,7 @@ BUILTINS: dict[str, Handler] = {
 }
 
 # Shell built-ins need no executable on the host.
-SHELL_BUILTINS = frozenset({"echo", "true", "false", "command"})
+SHELL_BUILTINS = frozenset({"echo", "printf", "true", "false", "command"})
 
 
 def find_builtin(host: SimHost, executable: str) -> Handler | None:

@@ -106,6 +106,10 @@ class CommandRunner:
         env = {**self.env, **(extra_env or {})}
         name = posixpath.basename(argv[0])
         if name in ("sh", "bash") and len(argv) >= 3 and argv[1] == "-c":
+            script = self.network.find_script(argv[2])
+            if script is not None:
+                code = script(Call(self, list(argv[3:]), env))
+                return 0 if code is None else int(code)
             return self.run_shell(argv[2])
 
         handler = self.network.find_command(self.host, argv[0])

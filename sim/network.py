@@ -76,6 +76,7 @@ class Network(Backend):
         self._commands: dict[str, Handler] = {}
         self._host_commands: dict[tuple[str, str], Handler] = {}
         self._snippets: dict[str, SnippetHandler] = {}
+        self._scripts: dict[str, Handler] = {}
         self._programs: list[ProgramMatcher] = [match_dask]
         self._connections: dict[str, list[SimTransport]] = {}
         self._local: SimTransport | None = None
@@ -136,6 +137,10 @@ class Network(Backend):
     def register_snippet(self, text: str, handler: SnippetHandler) -> None:
         """Run `handler(call)` for `python3 -c TEXT`; call.argv[3:] are the snippet's arguments."""
         self._snippets[text] = handler
+
+    def register_script(self, text: str, handler: Handler) -> None:
+        """Run `handler(call)` for `sh -c TEXT NAME ARGS...`; call.argv is [NAME, ARGS...]."""
+        self._scripts[text] = handler
 
     def register_program(self, matcher: ProgramMatcher) -> None:
         """Let `matcher(network, argv)` return a `Program` for background processes it models."""
@@ -209,6 +214,9 @@ class Network(Backend):
             handler = self._host_commands.get((host.name, name)) or self._commands.get(name)
         return handler or find_builtin(host, executable)
 
+    def find_script(self, text: str) -> Handler | None:
+        return self._scripts.get(text)
+
     def find_snippet(self, text: str) -> SnippetHandler | None:
         return self._snippets.get(text)
 
@@ -245,7 +253,7 @@ class Network(Backend):
         host.boot_count += 1
         self.record(name, "host.restart", f"boot={host.boot_count}")
         for process in list(host.processes.values()):
-            process.exit(-SIGKILL, "host restart")
+            process.exit(128 + SIGKILL, "host restart")
         for port, holder in list(host.ports.items()):
             if isinstance(holder, SimTunnel):
                 holder.close()
@@ -284,12 +292,17 @@ class Network(Backend):
         return self.host(host).fs.under(under)
 
     def temp_dirs(self, host: str) -> list[str]:
-        """Return the lazycluster temporary directories left in /tmp of `host`."""
+        """Return the lazycluster temporary directories left in /tmp of `host`.
+
+        The log directory of the shared manager transport (`local()`) belongs to
+        the backend, not to the library code under test, so it is not listed.
+        """
         fs = self.host(host).fs
+        backend_owned = self._local._log_dir if self._local is not None else None
         return sorted(
             path
             for path in fs.directories
-            if path.startswith("/tmp/" + TEMP_PREFIX) and path.count("/") == 2
+            if path.startswith("/tmp/" + TEMP_PREFIX) and path.count("/") == 2 and path != backend_owned
         )
 
     def leftovers(self) -> list[str]:

@@ -31,7 +31,7 @@ class Program:
 
     def on_signal(self, process: SimProcess, signum: int) -> None:
         """React to a signal; the default exits with -signum like a killed subprocess."""
-        process.exit(-signum, f"signal {signum}")
+        process.exit(128 + signum, f"signal {signum}")
 
     def on_exit(self, process: SimProcess) -> None:
         """Undo what the program set up (registrations, watchers)."""
@@ -117,7 +117,7 @@ class SimProcess:
             return
         self.network.record(self.host.name, "process.signal", f"pid={self.pid} sig={signum}")
         if signum == SIGKILL:
-            self.exit(-SIGKILL, "killed")
+            self.exit(128 + SIGKILL, "killed")
         else:
             self.program.on_signal(self, signum)
 

@@ -128,7 +128,7 @@ class DaskProgram(Program):
     def on_signal(self, process: SimProcess, signum: int) -> None:
         if signum == SIGTERM:
             log_line(process, self.logger_name, "Received signal SIGTERM (15)")
-        process.exit(-signum, f"signal {signum}")
+        process.exit(128 + signum, f"signal {signum}")
 
 
 class DaskScheduler(DaskProgram):
