@@ -29,7 +29,6 @@ from lazycluster.cluster.dask_commands import (
 from lazycluster.cluster.exceptions import MasterStartError
 from lazycluster.cluster.ports import (
     find_busy_ports,
-    manager_transport,
     pick_free_ports,
     remote_transports,
     require_free_port,
@@ -106,7 +105,7 @@ class LocalMasterLauncher(MasterLauncher):
         single = isinstance(ports, int) and not isinstance(ports, bool)
         candidates = [validate_port(ports)] if single else validate_port_list(ports)
 
-        manager = manager_transport()
+        manager = self.manager
         dashboard_candidates = list(DASHBOARD_PORTS) if find_spec(DASHBOARD_MODULE) else []
         busy = find_busy_ports(
             [manager, *remote_transports(self._group)], [*candidates, *dashboard_candidates]
@@ -227,7 +226,7 @@ class RoundRobinLauncher(WorkerLauncher):
                 check_distributed_versions(runtimes)
                 self._versions_checked = True
 
-            manager = manager_transport()
+            manager = self.manager
             busy = find_busy_ports([manager, *remote_transports(self._group)], candidates)
             chosen, remaining = pick_free_ports(candidates, worker_count, busy, exclude=[master_port])
             placement = [
@@ -352,7 +351,7 @@ class DaskCluster(MasterWorkerCluster):
 
         scheduler = self._master_launcher.process
         if scheduler is not None and self.master_port is not None:
-            clock = manager_transport().clock
+            clock = self._master_launcher.manager.clock
             started_at = clock.monotonic()
             try:
                 wait_for_registration(

@@ -25,7 +25,7 @@ from lazycluster.cluster.ports import (
 from lazycluster.cluster.teardown import close_tunnels, stop_processes
 from lazycluster.cluster.tunnel_mesh import plan_worker_tunnels
 from lazycluster.exceptions import LazyclusterError, PortInUseError
-from lazycluster.transport import ProcessHandle, Tunnel, validate_port
+from lazycluster.transport import ProcessHandle, Transport, Tunnel, validate_port
 
 if TYPE_CHECKING:
     from lazycluster.runtime_mgmt import RuntimeGroup
@@ -69,6 +69,17 @@ class MasterLauncher(ABC):
         self._port: int | None = None
         self._process: ProcessHandle | None = None
         self._tunnels: list[Tunnel] = []
+        self._manager: Transport | None = None
+
+    @property
+    def manager(self) -> Transport:
+        """The manager's transport, from the backend active when first used.
+
+        Kept so that a cleanup at interpreter exit reaches the same machines.
+        """
+        if self._manager is None:
+            self._manager = manager_transport()
+        return self._manager
 
     @property
     def port(self) -> int | None:
@@ -91,7 +102,9 @@ class MasterLauncher(ABC):
 
     def cleanup(self) -> None:
         """Close the master's tunnels and stop its process. Calling it twice is harmless."""
-        clock = manager_transport().clock
+        if self._manager is None:
+            return  # never started
+        clock = self._manager.clock
         tunnels, self._tunnels = self._tunnels, []
         close_tunnels(tunnels, clock)
 
@@ -115,6 +128,17 @@ class WorkerLauncher(ABC):
         self._workers: list[WorkerProcess] = []
         self._tunnels: list[Tunnel] = []
         self._lock = threading.Lock()
+        self._manager: Transport | None = None
+
+    @property
+    def manager(self) -> Transport:
+        """The manager's transport, from the backend active when first used.
+
+        Kept so that a cleanup at interpreter exit reaches the same machines.
+        """
+        if self._manager is None:
+            self._manager = manager_transport()
+        return self._manager
 
     @property
     def ports_per_host(self) -> dict[str, list[int]]:
@@ -164,7 +188,7 @@ class WorkerLauncher(ABC):
                 len(plan[host].remote_pairs),
             )
 
-        manager_transport().clock.map(open_on, sorted(plan))
+        self.manager.clock.map(open_on, sorted(plan))
 
     def cleanup(self) -> None:
         """Stop every worker and close every worker tunnel. Calling it twice is harmless."""
@@ -172,8 +196,10 @@ class WorkerLauncher(ABC):
 
     def _discard(self, workers: Sequence[WorkerProcess], tunnels: Sequence[Tunnel]) -> None:
         """Stop the given workers, close the given tunnels and forget both."""
-        clock = manager_transport().clock
         workers, tunnels = list(workers), list(tunnels)
+        if not workers and not tunnels:
+            return
+        clock = self.manager.clock
         stop_processes([worker.process for worker in workers], clock, what="worker")
         close_tunnels(tunnels, clock)
 
@@ -276,7 +302,7 @@ class MasterWorkerCluster(RuntimeCluster):
         A failed or interrupted start, Ctrl-C included, stops everything it
         started before the error propagates.
         """
-        clock = manager_transport().clock
+        clock = self._master_launcher.manager.clock
         started_at = clock.monotonic()
         self._register_atexit()
         try:
