@@ -148,6 +148,10 @@ class RuntimeTask:
         The function and its arguments are serialized with cloudpickle now, so
         later changes to them do not affect the task. The return value is
         available from `function_returns` after execution.
+
+        cloudpickle sends functions of importable modules by reference, so the
+        host must be able to import that module too; for a module of your own
+        that the host lacks, call `cloudpickle.register_pickle_by_value(module)`.
         """
         if not callable(function):
             raise TypeError(f"Invalid function {function!r}: expected a callable.")
@@ -421,7 +425,8 @@ class _StepRunner:
 
         if not outcome.get("ok"):
             if not any("Traceback" in line for line in self.lines):
-                self.emit(str(outcome.get("traceback") or outcome.get("error")))
+                self.emit(str(outcome.get("traceback", "")))
+            self.emit(f"Function {step.function_name} failed: {outcome.get('error')}")
             raise _StepFailed(self.output(), _load_remote_exception(outcome))
         self.task._function_returns.append(outcome.get("value"))
         return self.output()
