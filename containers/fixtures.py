@@ -64,8 +64,9 @@ def make_ssh_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
 @pytest.fixture
 def ssh_backend(ssh_hosts: HostGroup, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Install an `SSHBackend` reading the hosts' SSH config, and restore the previous backend after."""
-    from lazycluster.transport import set_backend
     from lazycluster.transport.ssh import SSHBackend
+
+    from lazycluster.transport import set_backend
 
     # The environment variable covers code that builds its own default backend.
     monkeypatch.setenv("LAZYCLUSTER_SSH_CONFIG", str(ssh_hosts.ssh_config_path))

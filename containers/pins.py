@@ -26,7 +26,7 @@ IMAGE_PYTHON_FULL_VERSION = "3.11.2"
 
 def image_marker_environment() -> dict[str, str]:
     """Return the PEP 508 marker environment of the image's Python on this machine's arch."""
-    environment = default_environment()
+    environment = {key: str(value) for key, value in default_environment().items()}
     environment.update(
         python_version=IMAGE_PYTHON_VERSION,
         python_full_version=IMAGE_PYTHON_FULL_VERSION,

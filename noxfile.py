@@ -1,0 +1,72 @@
+"""Sessions for tests, lint, type checks, the Docker integration tests and the demo.
+
+`nox` alone runs the default sessions (tests, lint, typecheck), which need no
+Docker. `nox -s integration` and `nox -s demo` bring up a Docker engine with
+containers/docker-up.sh (installing it as root on Debian), build the SSH host
+image and then run against three SSH hosts in containers.
+
+Sessions use the Python that runs nox (3.11 expected) and reuse their
+virtualenvs between runs, so only the first run pays for installs.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+
+SOURCE_DIRS = ["lazycluster", "sim", "containers", "tests", "noxfile.py"]
+
+# pytest exits with 5 when it collected no tests; an empty selection in the
+# default sessions is not a failure.
+PYTEST_OK = [0]
+PYTEST_OK_OR_NO_TESTS = [0, 5]
+
+
+def install_project(session: nox.Session) -> None:
+    session.install("-e", ".[test]")
+
+
+def docker_up_and_build(session: nox.Session) -> None:
+    session.run("bash", "containers/docker-up.sh", external=True)
+    session.run("python", "-m", "containers.build")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit, property and simulator tests (no Docker)."""
+    install_project(session)
+    session.run("pytest", "-m", "not docker", *session.posargs, success_codes=PYTEST_OK_OR_NO_TESTS)
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """Tests against real sshd hosts in Docker containers on this machine."""
+    install_project(session)
+    docker_up_and_build(session)
+    session.run("pytest", "-m", "docker", *session.posargs, success_codes=PYTEST_OK)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over every Python directory."""
+    session.install("ruff")
+    session.run("ruff", "check", *SOURCE_DIRS)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy over the library, the simulator and the container harness."""
+    install_project(session)
+    session.install("mypy")
+    session.run("mypy", "-p", "lazycluster", "-p", "sim", "-p", "containers")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: a Dask cluster over 3 SSH hosts in Docker on this machine."""
+    install_project(session)
+    docker_up_and_build(session)
+    session.run("python", "-m", "containers.demo", *session.posargs)
