@@ -242,6 +242,11 @@ class RoundRobinLauncher(WorkerLauncher):
         workers_before, tunnels_before = list(self._workers), list(self._tunnels)
         per_host = Counter(runtime.host for _, runtime, _ in placement)
         try:
+            # A Runtime creates its temporary working directory on first use; doing
+            # that once per runtime here keeps parallel worker starts from racing.
+            runtimes = list({runtime.host: runtime for _, runtime, _ in placement}.values())
+            manager.clock.map(lambda runtime: runtime.working_dir, runtimes)
+
             manager.clock.map(
                 lambda item: self._start_worker(
                     item[0], item[1], item[2], master_port, per_host[item[1].host]

@@ -1,0 +1,274 @@
+"""DaskCluster on real SSH hosts in Docker: start, compute, every start error, clean hosts after.
+
+The scheduler runs on this machine; the workers run in the containers and reach
+the scheduler and each other only through SSH tunnels.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lazycluster.cluster import MasterStartError, WorkerStartError
+from lazycluster.cluster.dask_cluster import DaskCluster
+from lazycluster.exceptions import NoPortsLeftError, PortInUseError
+from lazycluster.group import RuntimeGroup
+from lazycluster.transport.local import LocalTransport
+
+# Ports of these tests: below the ephemeral range (32768 on Linux), so no client
+# connection on the manager takes one, and away from Dask's defaults.
+PORTS = list(range(29410, 29450))
+MASTER_PORT = 29400
+
+# The temporary directories the library creates on hosts (host_commands.TEMP_DIR_PREFIX).
+TEMP_PATTERN = "lazycluster-*"
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_hosts(cluster: DaskCluster) -> Counter[str]:
+    return Counter({host: len(ports) for host, ports in cluster._worker_launcher.ports_per_host.items()})
+
+
+def registered_workers(cluster: DaskCluster) -> dict[str, Any]:
+    client = cluster.get_client(timeout=10)
+    return client.scheduler_info(n_workers=-1)["workers"]
+
+
+def worker_ports_running_on(host: Any) -> list[int]:
+    """Return the ports of the Dask worker processes that run in a container, from `ps`."""
+    processes = host.exec(["ps", "-eo", "args="]).check().stdout.splitlines()
+    ports = []
+    for args in processes:
+        parts = args.split()
+        if "distributed.cli.dask_worker" in args and "--listen-address" in parts:
+            ports.append(int(parts[parts.index("--listen-address") + 1].rsplit(":", 1)[1]))
+    return sorted(ports)
+
+
+@pytest.fixture
+def group(ssh_backend: Any, ssh_hosts: Any) -> Iterator[RuntimeGroup]:
+    """A RuntimeGroup of the 3 Docker hosts; asserts afterwards that no host keeps anything."""
+    runtime_group = RuntimeGroup(hosts=ssh_hosts.aliases)
+    try:
+        yield runtime_group
+    finally:
+        runtime_group.cleanup()
+        for host in ssh_hosts:
+            host.release_ports()
+            host.clear_slow_start()
+    for host in ssh_hosts:
+        leftovers = host.leftovers(temp_pattern=TEMP_PATTERN)
+        assert leftovers.is_clean, str(leftovers)
+
+
+def assert_manager_ports_free(ports: list[int]) -> None:
+    assert LocalTransport().ports_in_use(ports) == set()
+
+
+def test_default_start_one_worker_per_host(group: RuntimeGroup, ssh_hosts: Any) -> None:
+    cluster = DaskCluster(group)
+
+    cluster.start()
+    try:
+        assert worker_hosts(cluster) == Counter({alias: 1 for alias in ssh_hosts.aliases})
+        assert len(registered_workers(cluster)) == 3
+        assert cluster.dashboard_link is not None
+        master_port = cluster.master_port
+        worker_ports = [p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports]
+        assert master_port not in worker_ports
+        assert all(port in range(60001, 60200) for port in worker_ports)
+    finally:
+        cluster.cleanup()
+
+    assert_manager_ports_free([master_port, *worker_ports])
+    cluster.cleanup()
+
+
+@pytest.mark.parametrize("worker_count", [2, 3, 5])
+def test_worker_counts_round_robin(group: RuntimeGroup, ssh_hosts: Any, worker_count: int) -> None:
+    cluster = DaskCluster(group, ports=PORTS)
+    cluster.start(worker_count=worker_count, master_port=MASTER_PORT)
+    try:
+        counts = worker_hosts(cluster)
+        assert sum(counts.values()) == worker_count
+        assert max(counts.values()) - min(counts.values()) <= 1
+        assert len(counts) == min(worker_count, 3)
+
+        workers = registered_workers(cluster)
+        listening = sorted(int(address.rsplit(":", 1)[1]) for address in workers)
+        assert listening == PORTS[:worker_count]
+        runtimes = group.runtimes
+        for worker in cluster._worker_launcher.workers:
+            assert worker.host == runtimes[worker.index % len(runtimes)].host
+        for host, ports in cluster._worker_launcher.ports_per_host.items():
+            assert worker_ports_running_on(ssh_hosts.host(host)) == sorted(ports)
+    finally:
+        cluster.cleanup()
+
+    assert_manager_ports_free([MASTER_PORT, *PORTS[:worker_count]])
+
+
+def test_rechunk_moves_data_between_workers(group: RuntimeGroup) -> None:
+    import dask.array as da
+    from distributed import get_task_stream
+
+    with DaskCluster(group, ports=PORTS) as cluster:
+        client = cluster.get_client(timeout=10)
+        matrix = da.arange(400 * 400, chunks=400 * 40).reshape((400, 400)).rechunk((40, 400))
+        transposed = matrix.rechunk((400, 40))
+
+        with get_task_stream(client) as stream:
+            total = transposed.sum().compute()
+
+        assert total == (400 * 400 - 1) * 400 * 400 // 2
+        transfers = [
+            part for record in stream.data for part in record["startstops"] if part["action"] == "transfer"
+        ]
+        assert transfers, "no task fetched data from another worker"
+        ran_on = {record["worker"] for record in stream.data}
+        assert len(ran_on) == 3
+
+
+def test_word_count_over_all_workers(group: RuntimeGroup) -> None:
+    import dask.bag as db
+
+    lines = [f"alpha beta {'gamma ' * (i % 3)}".strip() for i in range(300)]
+    with DaskCluster(group, ports=PORTS) as cluster:
+        cluster.start_workers(3)
+        client = cluster.get_client(timeout=10)
+        counts = dict(
+            db.from_sequence(lines, npartitions=12)
+            .map(str.split)
+            .flatten()
+            .frequencies()
+            .compute(scheduler=client.get)
+        )
+
+    assert counts == {"alpha": 300, "beta": 300, "gamma": 300}
+
+
+def test_master_port_taken_on_host_raises(group: RuntimeGroup, ssh_hosts: Any) -> None:
+    blocked = ssh_hosts[1]
+    blocked.occupy_port(MASTER_PORT)
+    cluster = DaskCluster(group, ports=PORTS)
+
+    with pytest.raises(PortInUseError, match=blocked.alias) as raised:
+        cluster.start(master_port=MASTER_PORT)
+
+    assert raised.value.port == MASTER_PORT
+    assert cluster.master_port is None
+    assert_manager_ports_free([MASTER_PORT, *PORTS])
+
+
+def test_default_master_port_taken_falls_back_to_list(group: RuntimeGroup, ssh_hosts: Any) -> None:
+    blocked = ssh_hosts[0]
+    blocked.occupy_port(DaskCluster.DEFAULT_MASTER_PORT)
+    blocked.occupy_port(PORTS[0])
+
+    with DaskCluster(group, ports=PORTS) as cluster:
+        assert cluster.master_port == PORTS[1]
+        worker_ports = sorted(p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports)
+        assert worker_ports == PORTS[2:5]
+        assert cluster.ports == PORTS[5:]
+
+
+def test_exhausted_port_list_raises_before_workers(group: RuntimeGroup, ssh_hosts: Any) -> None:
+    ssh_hosts[2].occupy_port(PORTS[1])
+    cluster = DaskCluster(group, ports=PORTS[:3])
+
+    with pytest.raises(NoPortsLeftError, match="Only 2 of the 3 ports"):
+        cluster.start(worker_count=3, master_port=MASTER_PORT)
+
+    assert cluster.master_port is None
+    assert_manager_ports_free([MASTER_PORT, *PORTS[:3]])
+
+
+def test_scheduler_that_does_not_listen_in_time(group: RuntimeGroup) -> None:
+    cluster = DaskCluster(group, ports=PORTS)
+    cluster.master_start_timeout = 0.05
+
+    started = time.monotonic()
+    with pytest.raises(MasterStartError, match="did not listen within 0.05 s"):
+        cluster.start(master_port=MASTER_PORT)
+
+    assert time.monotonic() - started < 10
+    assert_manager_ports_free([MASTER_PORT])
+
+
+def test_slow_worker_fails_with_host_port_and_log(group: RuntimeGroup, ssh_hosts: Any) -> None:
+    slow = ssh_hosts[2]
+    slow.set_slow_start("python3 -m distributed.cli.dask_worker *", 120)
+    cluster = DaskCluster(group, ports=PORTS)
+    cluster.worker_start_timeout = 8
+
+    started = time.monotonic()
+    with pytest.raises(WorkerStartError, match="did not register") as raised:
+        cluster.start(master_port=MASTER_PORT)
+
+    assert time.monotonic() - started < 60
+    assert raised.value.hosts == [slow.alias]
+    assert raised.value.ports == [PORTS[2]]
+    assert_manager_ports_free([MASTER_PORT, *PORTS[:3]])
+
+
+def test_with_block_cleans_up_after_error(group: RuntimeGroup) -> None:
+    with pytest.raises(ZeroDivisionError):
+        with DaskCluster(group, ports=PORTS) as cluster:
+            assert len(registered_workers(cluster)) == 3
+            1 / 0  # noqa: B018
+
+    assert cluster.master_port is None
+    assert_manager_ports_free([*PORTS[:4]])
+
+
+MANAGER_SCRIPT = """
+import sys
+from lazycluster.cluster.dask_cluster import DaskCluster
+from lazycluster.group import RuntimeGroup
+
+cluster = DaskCluster(RuntimeGroup(hosts=sys.argv[1:]), ports=list(range(29460, 29480)))
+cluster.start(master_port=29459)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_workers_exit_after_manager_is_killed(ssh_backend: Any, ssh_hosts: Any) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    manager = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(MANAGER_SCRIPT), *ssh_hosts.aliases],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        assert manager.stdout is not None
+        assert manager.stdout.readline().strip() == b"ready"
+        os.killpg(manager.pid, signal.SIGKILL)
+        manager.wait(timeout=10)
+
+        deadline = time.monotonic() + 90
+        leftovers = [host.leftovers(temp_pattern="no-such-path") for host in ssh_hosts]
+        while time.monotonic() < deadline and not all(item.is_clean for item in leftovers):
+            time.sleep(1)
+            leftovers = [host.leftovers(temp_pattern="no-such-path") for host in ssh_hosts]
+        assert all(item.is_clean for item in leftovers), "\n".join(map(str, leftovers))
+    finally:
+        if manager.poll() is None:
+            os.killpg(manager.pid, signal.SIGKILL)
+            manager.wait(timeout=10)
+        # The killed manager could not remove its temporary directories.
+        for host in ssh_hosts:
+            host.exec(["sh", "-c", "rm -rf /tmp/lazycluster-*"])
