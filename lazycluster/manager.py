@@ -48,12 +48,15 @@ class RuntimeManager:
 
         if not self._runtimes:
             reasons = "; ".join(f"{host}: {reason}" for host, reason in self.inactive_host_reasons.items())
-            raise NoRuntimesDetectedError(
+            error = NoRuntimesDetectedError(
                 "No usable runtime was found in the SSH config"
                 + (f" ({reasons})" if reasons else ", which names no host")
                 + ". Add a host with `lazycluster add-runtime NAME USER@HOST` and check that "
                 "`ssh NAME` works."
             )
+            # `lazycluster list-runtimes` shows these reasons even when no host works.
+            error.inactive_host_reasons = dict(self.inactive_host_reasons)  # type: ignore[attr-defined]
+            raise error
 
     @property
     def inactive_hosts(self) -> list[str]:
