@@ -1,0 +1,186 @@
+"""Running one command over an SSH exec channel.
+
+The command runs as `exec /bin/sh -c SCRIPT`, where SCRIPT first prints a
+marker line with the shell's pid. sshd makes that shell a session leader, so
+its pid is also the process group of the command and of everything it starts;
+after a timeout the whole group is killed through a second channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paramiko
+
+from lazycluster.clock import Clock
+from lazycluster.transport.shell import LineSplitter
+
+logger = logging.getLogger(__name__)
+
+PID_MARKER = b"__lazycluster_pid__ "
+READ_SIZE = 256 * 1024
+
+# Longest wait in one select call, so that a dropped connection is noticed
+# even when the channel never becomes readable.
+POLL_INTERVAL = 1.0
+
+
+class ChannelNotOpened(Exception):
+    """The exec channel could not be opened, so the command was never sent."""
+
+
+class ChannelLost(Exception):
+    """The connection dropped after the command was sent."""
+
+
+@dataclass
+class ExecOutcome:
+    """Exit code and output of one command; `timed_out` when the deadline passed first."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    pid: int | None
+    timed_out: bool = False
+
+
+def wrap_script(script: str) -> str:
+    """Return the exec request that runs `script` with /bin/sh after printing the pid marker."""
+    marked = f"echo {PID_MARKER.decode().strip()} $$\n{script}"
+    return f"exec /bin/sh -c {shlex.quote(marked)}"
+
+
+class _Stdout:
+    """Collects stdout after the pid marker line; text before it is login-shell noise."""
+
+    def __init__(self, splitter: LineSplitter | None) -> None:
+        self.pid: int | None = None
+        self._head = b""
+        self._chunks: list[bytes] = []
+        self._splitter = splitter
+
+    def feed(self, data: bytes) -> None:
+        if self.pid is None:
+            self._head += data
+            start = self._head.find(PID_MARKER)
+            end = self._head.find(b"\n", start)
+            if start < 0 or end < 0:
+                return
+            self.pid = int(self._head[start + len(PID_MARKER) : end])
+            data, self._head = self._head[end + 1 :], b""
+        if data:
+            self._chunks.append(data)
+            if self._splitter is not None:
+                self._splitter.feed(data)
+
+    def value(self) -> bytes:
+        # Without a marker the shell itself failed, so its output is the result.
+        return b"".join(self._chunks) if self.pid is not None else self._head
+
+
+def execute(
+    transport: paramiko.Transport,
+    script: str,
+    *,
+    stdin: bytes | None,
+    on_output: Callable[[str], None] | None,
+    deadline: float | None,
+    clock: Clock,
+) -> ExecOutcome:
+    """Run `script` and collect its output until EOF, or until `deadline` on `clock`."""
+    try:
+        channel = transport.open_session()
+    except (paramiko.SSHException, EOFError, OSError) as error:
+        raise ChannelNotOpened(str(error)) from error
+
+    try:
+        return _execute_on(channel, script, stdin, on_output, deadline, clock)
+    except (paramiko.SSHException, EOFError, OSError) as error:
+        raise ChannelLost(str(error)) from error
+    finally:
+        channel.close()
+
+
+def _execute_on(
+    channel: paramiko.Channel,
+    script: str,
+    stdin: bytes | None,
+    on_output: Callable[[str], None] | None,
+    deadline: float | None,
+    clock: Clock,
+) -> ExecOutcome:
+    channel.exec_command(wrap_script(script))
+    if stdin:
+        # NOTE: stdin is sent in full before output is read, so a command that
+        # writes megabytes before it reads its input can stall on the SSH window.
+        channel.sendall(stdin)
+    channel.shutdown_write()
+
+    stdout = _Stdout(LineSplitter(on_output) if on_output else None)
+    stderr_chunks: list[bytes] = []
+    stderr_lines = LineSplitter(on_output) if on_output else None
+
+    while True:
+        while channel.recv_ready():
+            stdout.feed(channel.recv(READ_SIZE))
+        while channel.recv_stderr_ready():
+            data = channel.recv_stderr(READ_SIZE)
+            stderr_chunks.append(data)
+            if stderr_lines is not None:
+                stderr_lines.feed(data)
+        if channel.eof_received:
+            break
+        if channel.closed:
+            raise ChannelLost("the channel closed before the command finished")
+
+        wait = POLL_INTERVAL
+        if deadline is not None:
+            remaining = deadline - clock.monotonic()
+            if remaining <= 0:
+                return ExecOutcome(-1, stdout.value(), b"".join(stderr_chunks), stdout.pid, True)
+            wait = min(wait, remaining)
+        select.select([channel], [], [], wait)
+
+    exit_code = _wait_exit_status(channel, deadline, clock)
+    for splitter in (stdout._splitter, stderr_lines):
+        if splitter is not None:
+            splitter.flush()
+    if exit_code is None:
+        return ExecOutcome(-1, stdout.value(), b"".join(stderr_chunks), stdout.pid, True)
+    return ExecOutcome(exit_code, stdout.value(), b"".join(stderr_chunks), stdout.pid)
+
+
+def _wait_exit_status(
+    channel: paramiko.Channel, deadline: float | None, clock: Clock
+) -> int | None:
+    while not channel.status_event.is_set():
+        if channel.closed and not channel.status_event.is_set():
+            # sshd closes without an exit status when the command died from a
+            # signal; paramiko then reports -1, like `recv_exit_status`.
+            return -1
+        wait = POLL_INTERVAL
+        if deadline is not None:
+            remaining = deadline - clock.monotonic()
+            if remaining <= 0:
+                return None
+            wait = min(wait, remaining)
+        channel.status_event.wait(wait)
+    return channel.recv_exit_status()
+
+
+def kill_group(transport: paramiko.Transport, pid: int, host: str) -> None:
+    """Kill the process group `pid` on the host, logging instead of raising on failure."""
+    script = f"kill -s KILL -- -{pid} 2>/dev/null; kill -s KILL {pid} 2>/dev/null; true"
+    try:
+        channel = transport.open_session()
+        try:
+            channel.exec_command(script)
+            channel.recv_exit_status()
+        finally:
+            channel.close()
+    except (paramiko.SSHException, EOFError, OSError) as error:
+        logger.warning("Failed to kill process group %d on host %s: %s", pid, host, error)
