@@ -144,7 +144,8 @@ class Tunnel(ABC):
     def __repr__(self) -> str:
         arrow = "manager->host" if self.kind == "local" else "host->manager"
         return (
-            f"<{type(self).__name__} {self.host!r} {arrow} {self.listen_port}->{self.target_port}>"
+            f"<{type(self).__name__} {self.host!r} {arrow} "
+            f"{self.listen_port}->{self.target_port}>"
         )
 
 
@@ -251,9 +252,7 @@ class Backend(ABC):
     clock: Clock
 
     @abstractmethod
-    def connect(
-        self, host: str, connection_kwargs: Mapping[str, object] | None = None
-    ) -> Transport:
+    def connect(self, host: str, connection_kwargs: Mapping[str, object] | None = None) -> Transport:
         """Open a transport to `host`, an SSH config alias or a hostname."""
 
     @abstractmethod
