@@ -79,29 +79,20 @@ def parse_host_list(text: str) -> list[str]:
     return names
 
 
-def _common_options(suppress_defaults: bool) -> argparse.ArgumentParser:
+def _common_options() -> argparse.ArgumentParser:
     """Options accepted before and after the command name.
 
-    The copy for subcommands has no defaults, so a value given before the
-    command is not reset by the subcommand's parser.
+    They have no defaults here, so a value given before the command is not
+    reset by the subcommand's parser. `build_parser` sets the defaults once.
     """
-    parent = argparse.ArgumentParser(
-        add_help=False, argument_default=argparse.SUPPRESS if suppress_defaults else None
-    )
-    parent.add_argument(
-        "-v", "--verbose", action="count",
-        help="log progress (INFO); twice for DEBUG detail",
-        **({} if suppress_defaults else {"default": 0}),
-    )
-    parent.add_argument(
-        "--debug", action="store_true",
-        help="log at DEBUG level and show the traceback of an error",
-        **({} if suppress_defaults else {"default": False}),
-    )
-    parent.add_argument(
-        "--ssh-config", metavar="PATH",
-        help="SSH config file to read and edit (default: $LAZYCLUSTER_SSH_CONFIG, else ~/.ssh/config)",
-    )
+    parent = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    parent.add_argument("-v", "--verbose", action="count",
+                        help="log progress (INFO); twice for DEBUG detail")
+    parent.add_argument("--debug", action="store_true",
+                        help="log at DEBUG level and show the traceback of an error")
+    parent.add_argument("--ssh-config", metavar="PATH",
+                        help="SSH config file to read and edit "
+                        "(default: $LAZYCLUSTER_SSH_CONFIG, else ~/.ssh/config)")
     return parent
 
 
@@ -115,6 +106,9 @@ def _add_list_runtimes(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("-l", "--long", action="store_true",
                         help="add OS, CPU cores, memory, Python version and GPUs as a table")
     parser.add_argument("--json", action="store_true", help="print one JSON document for scripts")
+    parser.add_argument("--timeout", type=_argument_type(_positive_seconds, "seconds"),
+                        metavar="S", help="seconds each host may take to log in and start "
+                        "python3 before it counts as inactive (default: the library's probe timeout)")
     parser.set_defaults(handler=_run_list_runtimes)
 
 
@@ -168,7 +162,8 @@ def _add_dask(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--ports", type=_argument_type(parse_port_range, "ports"), metavar="A-B",
                         help="ports for workers and the scheduler (default: 60001-60199)")
     parser.add_argument("--timeout", type=_argument_type(_positive_seconds, "seconds"),
-                        metavar="S", help="seconds to wait for the scheduler to start")
+                        metavar="S", help="seconds to wait for each step: every host to log in, "
+                        "the scheduler to start, the workers to register (default: the library's timeouts)")
     parser.set_defaults(handler=_run_dask)
 
 
@@ -176,14 +171,15 @@ def build_parser(program: str, version: str) -> argparse.ArgumentParser:
     """Return the parser of the whole command line."""
     parser = argparse.ArgumentParser(
         prog=program,
-        parents=[_common_options(suppress_defaults=False)],
+        parents=[_common_options()],
         description="Manage the runtimes (SSH hosts) in your SSH config and run a Dask cluster "
         "on them.",
         epilog="Exit codes: 0 success, 1 failure, 2 usage error.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
+    parser.set_defaults(verbose=0, debug=False, ssh_config=None)
 
-    common = _common_options(suppress_defaults=True)
+    common = _common_options()
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_list_runtimes(commands, common)
     _add_add_runtime(commands, common)

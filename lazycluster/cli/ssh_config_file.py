@@ -270,7 +270,7 @@ def validate_identity_file(path: str) -> str:
 def resolve_config_path(path: str | None) -> str:
     """Return the config path to edit: `path`, else $LAZYCLUSTER_SSH_CONFIG, else ~/.ssh/config."""
     chosen = path or os.environ.get("LAZYCLUSTER_SSH_CONFIG") or "~/.ssh/config"
-    return os.path.expanduser(chosen)
+    return os.path.abspath(os.path.expanduser(chosen))
 
 
 def _read_lines(path: str) -> list[str]:
@@ -307,7 +307,7 @@ def parse_blocks(lines: list[str], path: str) -> list[Block]:
             raise SSHConfigError(
                 path,
                 f"SSH config {path} line {index + 1} is malformed: {stripped!r}. "
-                "Expected 'Keyword value'; fix the line before editing the file.",
+                "Expected 'Keyword value'; fix that line.",
             )
 
         keyword = match.group(1).lower()
@@ -324,7 +324,7 @@ def parse_blocks(lines: list[str], path: str) -> list[Block]:
 def configured_names(path: str) -> list[str]:
     """Return every alias named on a `Host` line of the file, wildcards left out."""
     lines = _read_lines(path)
-    names = []
+    names: list[str] = []
     for block in parse_blocks(lines, path):
         if block.keyword == "host":
             names.extend(p for p in block.patterns if not set("*?!").intersection(p))
