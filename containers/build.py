@@ -49,7 +49,7 @@ BUILD_TIMEOUT = 900
 
 
 class ImageBuildError(RuntimeError):
-    """A step of the image build failed; the message holds the step and its output."""
+    """A step of the image build failed; the message contains the step and its output."""
 
 
 def _docker_client():  # type: ignore[no-untyped-def]
@@ -60,7 +60,7 @@ def _docker_client():  # type: ignore[no-untyped-def]
         client.ping()
     except docker.errors.DockerException as error:
         raise ImageBuildError(
-            f"No Docker engine answers ({error}). Run `bash containers/docker-up.sh` "
+            f"No Docker engine responds ({error}). Run `bash containers/docker-up.sh` "
             "(as root on Debian it installs and starts one) and retry."
         ) from error
     return client

@@ -4,8 +4,8 @@ Every container gets two labels: `HOST_LABEL` (any run of the harness) and
 `RUN_LABEL` with this process's `RUN_ID`. Removal goes by these labels, so a
 container created a moment before an interrupt is found even when its id never
 reached the caller. `install_exit_handlers()` removes this run's containers at
-interpreter exit and turns SIGTERM and SIGHUP into a normal exit so that the
-same cleanup runs; SIGINT already raises KeyboardInterrupt.
+interpreter exit and makes SIGTERM and SIGHUP raise KeyboardInterrupt, as
+SIGINT does, so that finally blocks, fixture teardown and atexit all run.
 
 `python -m containers.cleanup` removes the containers of every run, for the
 leftovers of a run that was killed with SIGKILL.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import logging
 import signal
-import sys
 import threading
 import uuid
 from typing import Any
@@ -81,10 +80,11 @@ def remove_containers(run_id: str | None = RUN_ID, group_id: str | None = None) 
     return len(containers)
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
+def _interrupt_on_signal(signum: int, frame: object) -> None:
     log.warning("received signal %d, removing the test hosts before exit", signum)
-    # SystemExit unwinds finally blocks and then runs the atexit cleanup.
-    sys.exit(128 + signum)
+    # KeyboardInterrupt, not SystemExit: pytest records a SystemExit raised in
+    # a test as that test's failure and goes on, but stops on KeyboardInterrupt.
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def install_exit_handlers() -> None:
@@ -103,7 +103,7 @@ def install_exit_handlers() -> None:
         return
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is signal.SIG_DFL:
-            signal.signal(signum, _exit_on_signal)
+            signal.signal(signum, _interrupt_on_signal)
 
 
 if __name__ == "__main__":

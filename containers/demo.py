@@ -107,7 +107,7 @@ def print_placement(cluster: Any, client: Any) -> None:
     """Print each worker's host, address and threads as the scheduler sees them."""
     registered = client.scheduler_info(n_workers=-1)["workers"]
     print(f"\nScheduler {cluster.scheduler_address} on this machine; dashboard {cluster.dashboard_link}")
-    for worker in cluster._worker_launcher.workers:
+    for worker in sorted(cluster._worker_launcher.workers, key=lambda worker: worker.index):
         info = registered.get(f"tcp://127.0.0.1:{worker.port}", {})
         print(
             f"  worker {worker.index}: host {worker.host:<10} port {worker.port} "

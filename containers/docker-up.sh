@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Make a Docker engine answer `docker info`, and make mmdebstrap available.
+# Make a Docker engine respond to `docker info`, and make mmdebstrap available.
 #
 # On a Debian machine where this runs as root, missing packages (docker.io,
-# mmdebstrap) are installed with apt-get and, when no engine answers, dockerd
+# mmdebstrap) are installed with apt-get and, when no engine responds, dockerd
 # is started in the background. Anywhere else the script prints what to install
-# and exits non-zero. An engine that already answers is left alone.
+# and exits non-zero. An engine that already responds is left alone.
 set -euo pipefail
 
 WAIT_SECONDS="${DOCKER_UP_WAIT_SECONDS:-60}"
@@ -41,11 +41,11 @@ install_packages() {
     apt-get install -y -q --no-install-recommends $packages
 }
 
-engine_answers() { docker info >/dev/null 2>&1; }
+engine_responds() { docker info >/dev/null 2>&1; }
 
 start_dockerd() {
     if ! is_root; then
-        log "no Docker engine answers and you are not root. Start dockerd (sudo dockerd &) or add yourself to the docker group, then rerun."
+        log "no Docker engine responds and you are not root. Start dockerd (sudo dockerd &) or add yourself to the docker group, then rerun."
         exit 1
     fi
 
@@ -57,9 +57,9 @@ start_dockerd() {
 
 wait_for_engine() {
     local deadline=$((SECONDS + WAIT_SECONDS))
-    while ! engine_answers; do
+    while ! engine_responds; do
         if [ "$SECONDS" -ge "$deadline" ]; then
-            log "dockerd did not answer within ${WAIT_SECONDS}s; last lines of $DOCKERD_LOG:"
+            log "dockerd did not respond within ${WAIT_SECONDS}s; last lines of $DOCKERD_LOG:"
             tail -n 20 "$DOCKERD_LOG" >&2 || true
             exit 1
         fi
@@ -69,11 +69,11 @@ wait_for_engine() {
 
 install_packages
 
-if engine_answers; then
-    log "Docker engine answers"
+if engine_responds; then
+    log "Docker engine responds"
     exit 0
 fi
 
 start_dockerd
 wait_for_engine
-log "Docker engine answers after $SECONDS s"
+log "Docker engine responds after $SECONDS s"

@@ -25,8 +25,8 @@ REAL_PYTHON = "/usr/bin/python3"
 SLOW_START_RULES = "/etc/lazycluster-test/slow-start"
 PROCESS_EXIT_TIMEOUT = 10.0
 
-# Binds ADDRESS:PORT, then forks: the parent prints the child's pid and exits
-# (so docker exec returns once the port is taken); the child accepts and closes
+# Binds ADDRESS:PORT and forks. The parent prints the child's pid and exits, so
+# docker exec returns only once the port is taken. The child accepts and closes
 # connections until it is killed.
 _LISTENER = """
 import os, socket, sys

@@ -70,7 +70,7 @@ def ssh_backend(ssh_hosts: HostGroup, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
     # The environment variable covers code that builds its own default backend.
     monkeypatch.setenv("LAZYCLUSTER_SSH_CONFIG", str(ssh_hosts.ssh_config_path))
-    backend = SSHBackend(ssh_config_path=ssh_hosts.ssh_config_path)
+    backend = SSHBackend(ssh_config_path=str(ssh_hosts.ssh_config_path))
     previous = set_backend(backend)
     try:
         yield backend

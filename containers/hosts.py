@@ -1,10 +1,11 @@
 """Start SSH test hosts in Docker containers and write the SSH files to reach them.
 
 `start_hosts(n, image=...)` starts n containers of the image from
-`containers.build` in parallel (testcontainers), publishes each one's port 22
-on 127.0.0.1 only, generates a throwaway ed25519 key pair, writes known_hosts
-with each container's real host keys and an ssh_config with one `Host` alias
-per container, and returns once a real paramiko login works on every host.
+`containers.build` in parallel with testcontainers and publishes each one's
+port 22 on 127.0.0.1 only. It generates a throwaway ed25519 key pair and
+writes known_hosts with each container's real host keys, plus an ssh_config
+with one `Host` alias per container. It returns once a real paramiko login
+works on every host.
 
 The returned `HostGroup` removes its containers on `close()`. Containers are
 also removed at interpreter exit, on SIGTERM/SIGHUP and when the start is
@@ -149,7 +150,7 @@ class HostGroup:
         self.ssh_config_path.write_text(config_text(entries, self.key_path, self.known_hosts_path))
 
     def connect(self, alias: str, timeout: float = LOGIN_TIMEOUT) -> paramiko.SSHClient:
-        """Log in to `alias` with paramiko, using only what the generated ssh_config says."""
+        """Log in to `alias` with paramiko, using only the settings of the generated ssh_config."""
         config = paramiko.SSHConfig.from_path(str(self.ssh_config_path)).lookup(alias)
         client = paramiko.SSHClient()
         client.load_host_keys(config["userknownhostsfile"])
@@ -188,9 +189,9 @@ class HostGroup:
 
 
 def _configure_testcontainers() -> None:
-    # Ryuk would need an image from a registry; cleanup is done by label instead.
-    # docker_host mode with TC_HOST: testcontainers otherwise answers the bridge
-    # gateway address when it finds /.dockerenv on the manager.
+    # Ryuk would need an image from a registry, so cleanup goes by label instead.
+    # Without docker_host mode and TC_HOST, testcontainers 4.15 returns the
+    # bridge gateway address as the host when it finds /.dockerenv on the manager.
     os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
     os.environ["TESTCONTAINERS_CONNECTION_MODE"] = "docker_host"
     os.environ["TC_HOST"] = "127.0.0.1"
@@ -335,3 +336,32 @@ def start_hosts(
 
     log.info("started %d test hosts %s in %.1f s", count, aliases, time.monotonic() - started)
     return group
+
+
+def main() -> int:
+    """Start hosts from the command line and keep them until Ctrl-C."""
+    import argparse
+
+    from containers.build import build_image
+
+    parser = argparse.ArgumentParser(prog="python -m containers.hosts", description=main.__doc__)
+    parser.add_argument("count", type=int, nargs="?", default=3, help="number of hosts to start (default 3)")
+    parser.add_argument("--user", default=NON_ROOT_USER, choices=[NON_ROOT_USER, "root"], help="login user of every alias")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    group = start_hosts(args.count, image=build_image(), user=args.user)
+    try:
+        print(f"hosts {' '.join(group.aliases)} are up; try: ssh -F {group.ssh_config_path} {group.aliases[0]}")
+        print(f"LAZYCLUSTER_SSH_CONFIG={group.ssh_config_path}")
+        print("Press Ctrl-C to remove them.", flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        group.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """Pin the Python packages of the SSH host image to the manager's versions.
 
 The image must run the same dask, distributed and cloudpickle as the manager,
-because Dask refuses or misbehaves across versions. The pins are the full
+because distributed warns about version mismatches between client, scheduler
+and workers, and pickled tasks may not load across versions. The pins are the full
 dependency closure of those packages as installed in the running environment
 (read with importlib.metadata), with markers evaluated for the image's Python.
 """
