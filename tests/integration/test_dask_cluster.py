@@ -51,7 +51,8 @@ def worker_ports_running_on(host: Any) -> list[int]:
     ports = []
     for args in processes:
         parts = args.split()
-        if "distributed.cli.dask_worker" in args and "--listen-address" in parts:
+        # Only the interpreter itself; the wrapper shell of the transport names the command too.
+        if parts[1:3] == ["-m", "distributed.cli.dask_worker"] and "--listen-address" in parts:
             ports.append(int(parts[parts.index("--listen-address") + 1].rsplit(":", 1)[1]))
     return sorted(ports)
 
@@ -159,39 +160,44 @@ def test_word_count_over_all_workers(group: RuntimeGroup) -> None:
 
 
 def test_master_port_taken_on_host_raises(group: RuntimeGroup, ssh_hosts: Any) -> None:
+    master_port = 29401  # used by no other test, so not in TIME_WAIT
     blocked = ssh_hosts[1]
-    blocked.occupy_port(MASTER_PORT)
+    blocked.occupy_port(master_port)
     cluster = DaskCluster(group, ports=PORTS)
 
     with pytest.raises(PortInUseError, match=blocked.alias) as raised:
-        cluster.start(master_port=MASTER_PORT)
+        cluster.start(master_port=master_port)
 
-    assert raised.value.port == MASTER_PORT
+    assert raised.value.port == master_port
     assert cluster.master_port is None
-    assert_manager_ports_free([MASTER_PORT, *PORTS])
+    assert_manager_ports_free([master_port, *PORTS])
 
 
 def test_default_master_port_taken_falls_back_to_list(group: RuntimeGroup, ssh_hosts: Any) -> None:
+    # Ports no other test uses: a port that a worker closed a moment ago may sit
+    # in TIME_WAIT, where the blocker (without SO_REUSEADDR) cannot bind it.
+    ports = list(range(29480, 29490))
     blocked = ssh_hosts[0]
     blocked.occupy_port(DaskCluster.DEFAULT_MASTER_PORT)
-    blocked.occupy_port(PORTS[0])
+    blocked.occupy_port(ports[0])
 
-    with DaskCluster(group, ports=PORTS) as cluster:
-        assert cluster.master_port == PORTS[1]
+    with DaskCluster(group, ports=ports) as cluster:
+        assert cluster.master_port == ports[1]
         worker_ports = sorted(p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports)
-        assert worker_ports == PORTS[2:5]
-        assert cluster.ports == PORTS[5:]
+        assert worker_ports == ports[2:5]
+        assert cluster.ports == ports[5:]
 
 
 def test_exhausted_port_list_raises_before_workers(group: RuntimeGroup, ssh_hosts: Any) -> None:
-    ssh_hosts[2].occupy_port(PORTS[1])
-    cluster = DaskCluster(group, ports=PORTS[:3])
+    ports = list(range(29490, 29493))
+    ssh_hosts[2].occupy_port(ports[1])
+    cluster = DaskCluster(group, ports=ports)
 
     with pytest.raises(NoPortsLeftError, match="Only 2 of the 3 ports"):
         cluster.start(worker_count=3, master_port=MASTER_PORT)
 
     assert cluster.master_port is None
-    assert_manager_ports_free([MASTER_PORT, *PORTS[:3]])
+    assert_manager_ports_free([MASTER_PORT, *ports])
 
 
 def test_scheduler_that_does_not_listen_in_time(group: RuntimeGroup) -> None:
