@@ -425,6 +425,10 @@ def remove_host_lines(lines: list[str], name: str, path: str) -> list[str]:
 
         start, end = _block_removal_range(lines, block)
         del new_lines[start:end]
+        if start == len(new_lines):
+            # The last entry went, so the blank lines that separated it go too.
+            while new_lines and not new_lines[-1].strip():
+                new_lines.pop()
         return new_lines
 
     raise SSHConfigError(

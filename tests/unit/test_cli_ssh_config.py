@@ -329,7 +329,19 @@ def test_delete_last_entry(tmp_path: Path) -> None:
     result = delete(path, "b")
 
     assert result.returncode == 0, result.stderr
-    assert path.read_text() == "# mine\nHost a\n    HostName a\n\n"
+    assert path.read_text() == "# mine\nHost a\n    HostName a\n"
+
+
+def test_add_then_delete_restores_file_end(tmp_path: Path) -> None:
+    path = tmp_path / "config"
+    original = "Host a\n    HostName a.example.org\n"
+    path.write_text(original)
+
+    assert add(path, "node1", "node1").returncode == 0
+    result = delete(path, "node1")
+
+    assert result.returncode == 0, result.stderr
+    assert path.read_text() == original
 
 
 def test_add_then_delete_restores_file(config: Path) -> None:
