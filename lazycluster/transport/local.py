@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import selectors
@@ -148,6 +149,7 @@ class LocalTransport(Transport):
         self.clock = clock
         self._lock = threading.Lock()
         self._processes: list[LocalProcess] = []
+        self._log_numbers = itertools.count()
         self._tunnels: list[Tunnel] = []
         self._temp_dir: str | None = None
         self._closed = False
@@ -232,8 +234,10 @@ class LocalTransport(Transport):
 
         with self._lock:
             if log_path is None:
+                # A counter, not len(self._processes): two concurrent starts
+                # would otherwise share one log file.
                 log_path = os.path.join(
-                    self._make_temp_dir(), f"process-{len(self._processes)}.log"
+                    self._make_temp_dir(), f"process-{next(self._log_numbers)}.log"
                 )
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
 
