@@ -77,6 +77,10 @@ def worker_command(
         "--name",
         name,
         "--no-dashboard",
+        # distributed 2026.8 serves /health and /metrics even without a dashboard,
+        # on all interfaces unless this address says otherwise.
+        "--dashboard-address",
+        f"{LOOPBACK}:0",
         "--death-timeout",
         f"{death_timeout:g}",
     ]

@@ -73,6 +73,26 @@ def group(ssh_backend: Any, ssh_hosts: Any) -> Iterator[RuntimeGroup]:
         assert leftovers.is_clean, str(leftovers)
 
 
+def listening_addresses(ss_output: str) -> list[str]:
+    """Return the local address:port of every listening socket in `ss -ltnH` output."""
+    return [line.split()[3] for line in ss_output.splitlines() if line.strip()]
+
+
+def assert_loopback_only(cluster: DaskCluster, ssh_hosts: Any) -> None:
+    """Check that nothing the cluster started listens beyond loopback, on the hosts or here."""
+    for host in ssh_hosts:
+        addresses = listening_addresses(host.exec(["ss", "-ltnH"]).check().stdout)
+        exposed = [a for a in addresses if not a.startswith("127.0.0.1:") and not a.endswith(":22")]
+        assert exposed == [], f"host {host.alias} listens beyond loopback on {exposed}"
+
+    scheduler_pid = cluster._master_launcher.process.pid
+    rows = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    scheduler_rows = [row for row in rows.splitlines() if f"pid={scheduler_pid}," in row]
+    assert scheduler_rows, "the scheduler process listens nowhere"
+    for address in listening_addresses("\n".join(scheduler_rows)):
+        assert address.startswith("127.0.0.1:"), f"the scheduler listens on {address}"
+
+
 def assert_manager_ports_free(ports: list[int]) -> None:
     assert LocalTransport().ports_in_use(ports) == set()
 
@@ -85,6 +105,7 @@ def test_default_start_one_worker_per_host(group: RuntimeGroup, ssh_hosts: Any) 
         assert worker_hosts(cluster) == Counter({alias: 1 for alias in ssh_hosts.aliases})
         assert len(registered_workers(cluster)) == 3
         assert cluster.dashboard_link is not None
+        assert_loopback_only(cluster, ssh_hosts)
         master_port = cluster.master_port
         worker_ports = [p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports]
         assert master_port not in worker_ports
