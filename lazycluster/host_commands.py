@@ -122,7 +122,8 @@ FUNCTION_RUNNER_SETUP_EXIT_CODE = 3
 
 # Runs a function shipped by the manager.
 #
-# stdin: cloudpickle.dumps((function, kwargs)).
+# Input: cloudpickle.dumps((function, kwargs)) on stdin, or in the file named by
+# the first argument, which the runner deletes after reading it.
 # While the function runs, file descriptor 1 points at stderr, so everything
 # the function or its child processes print ends up in stderr. Afterwards one
 # line goes to the real stdout: FUNCTION_RESULT_MARKER followed by the base64
@@ -142,7 +143,13 @@ except ImportError as error:
     sys.exit(3)
 
 try:
-    function, kwargs = cloudpickle.loads(sys.stdin.buffer.read())
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "rb") as payload_file:
+            payload = payload_file.read()
+        os.remove(sys.argv[1])
+    else:
+        payload = sys.stdin.buffer.read()
+    function, kwargs = cloudpickle.loads(payload)
 except Exception:
     sys.stderr.write(
         "Failed to load the function sent by the manager with cloudpickle %s on Python %s. "
@@ -184,6 +191,11 @@ with os.fdopen(result_fd, "w") as result_file:
     result_file.write(line)
 sys.exit(0 if outcome["ok"] else 1)
 """
+
+
+def run_function_from_file(payload_path: str) -> list[str]:
+    """Build the argv that runs FUNCTION_RUNNER_SNIPPET on the payload file `payload_path`."""
+    return [*python_command(FUNCTION_RUNNER_SNIPPET), payload_path]
 
 
 # Prints the version of the installed `distributed` package, or nothing when

@@ -8,25 +8,28 @@ entry to `execution_log` and streams its output to a log file under
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
-import pickle
-import posixpath
 import re
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import cloudpickle
 
-from lazycluster import host_commands
 from lazycluster.environment import Environment
-from lazycluster.exceptions import LazyclusterError, TaskExecutionError
+from lazycluster.exceptions import TaskExecutionError
+from lazycluster.task_steps import (
+    GetFile,
+    RunCommand,
+    RunFunction,
+    SendFile,
+    Step,
+    StepFailed,
+    StepRunner,
+)
 from lazycluster.transport import Transport
 from lazycluster.validation import check_env_variables, check_non_empty_str
 
@@ -34,41 +37,6 @@ logger = logging.getLogger(__name__)
 
 # Characters kept in log file names; others become "_".
 _FILE_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-@dataclass(frozen=True)
-class _SendFile:
-    local_path: str
-    remote_path: str | None
-
-
-@dataclass(frozen=True)
-class _GetFile:
-    remote_path: str
-    local_path: str | None
-
-
-@dataclass(frozen=True)
-class _RunCommand:
-    command: str
-
-
-@dataclass(frozen=True)
-class _RunFunction:
-    function_name: str
-    payload: bytes
-
-
-_Step = _SendFile | _GetFile | _RunCommand | _RunFunction
-
-
-class _StepFailed(Exception):
-    """Internal: a step failed with this output; turned into TaskExecutionError."""
-
-    def __init__(self, output: str, cause: BaseException | None = None) -> None:
-        super().__init__(output)
-        self.output = output
-        self.cause = cause
 
 
 class RuntimeTask:
@@ -84,7 +52,7 @@ class RuntimeTask:
             name = f"task-{uuid.uuid4().hex[:8]}"
         self.name = check_non_empty_str(name, "task name")
         self.omit_on_join = False
-        self._steps: list[_Step] = []
+        self._steps: list[Step] = []
         self._env_variables: dict[str, str] = {}
         self._reset_run_state()
 
@@ -121,7 +89,7 @@ class RuntimeTask:
             raise FileNotFoundError(
                 f"Local file {local_path!r} not found: pass an existing file or folder to send_file."
             )
-        self._steps.append(_SendFile(os.path.abspath(local_path), remote_path))
+        self._steps.append(SendFile(os.path.abspath(local_path), remote_path))
         return self
 
     def get_file(self, remote_path: str, local_path: str | None = None) -> RuntimeTask:
@@ -133,13 +101,13 @@ class RuntimeTask:
         check_non_empty_str(remote_path, "remote_path")
         if local_path is not None:
             check_non_empty_str(local_path, "local_path")
-        self._steps.append(_GetFile(remote_path, local_path))
+        self._steps.append(GetFile(remote_path, local_path))
         return self
 
     def run_command(self, command: str) -> RuntimeTask:
         """Add a step that runs a shell command on the host; a non-zero exit code fails the task."""
         check_non_empty_str(command, "command")
-        self._steps.append(_RunCommand(command))
+        self._steps.append(RunCommand(command))
         return self
 
     def run_function(self, function: Callable[..., Any], **func_kwargs: Any) -> RuntimeTask:
@@ -164,7 +132,7 @@ class RuntimeTask:
                 f"cloudpickle: {error}. Pass plain data as arguments and avoid capturing "
                 "locks, sockets or open files."
             ) from error
-        self._steps.append(_RunFunction(function_name, payload))
+        self._steps.append(RunFunction(function_name, payload))
         return self
 
     # --- state ---------------------------------------------------------------
@@ -247,6 +215,16 @@ class RuntimeTask:
         A failing step raises TaskExecutionError and skips the later steps.
         """
         transport, working_dir, env = self._resolve_connection(connection, working_dir, env_variables)
+        self._run_steps(transport, working_dir, env, debug, background=False)
+
+    def _run_steps(
+        self,
+        transport: Transport,
+        working_dir: str | None,
+        env: dict[str, str],
+        debug: bool,
+        background: bool,
+    ) -> None:
         self._execution_log = []
         self._function_returns = []
         self._host = transport.host
@@ -256,10 +234,10 @@ class RuntimeTask:
 
         with open(self._execution_log_file_path, "a", encoding="utf-8") as log_file:
             for index, step in enumerate(self._steps):
-                runner = _StepRunner(self, transport, working_dir, env, log_file, debug)
+                runner = StepRunner(self, transport, working_dir, env, log_file, debug, background)
                 try:
                     entry = runner.run(step)
-                except _StepFailed as failure:
+                except StepFailed as failure:
                     self._execution_log.append(failure.output)
                     logger.info("Task %r failed at step %d on host %s", self.name, index,
                                 transport.host)
@@ -281,16 +259,15 @@ class RuntimeTask:
     ) -> Future[None]:
         """Start `execute` in the background with the transport's clock and return its future.
 
-        `join()` waits for it and raises its TaskExecutionError.
+        Commands run as background processes of the transport, so closing the
+        transport stops them. `join()` waits and raises the TaskExecutionError.
         """
         if self.is_running:
             raise ValueError(f"Task {self.name!r} is already running: pass a copy.deepcopy() of it.")
-        transport, _, _ = self._resolve_connection(connection, working_dir, env_variables)
+        transport, working_dir, env = self._resolve_connection(connection, working_dir, env_variables)
         self._reset_run_state()
         self._future = transport.clock.submit(
-            lambda: self.execute(
-                connection, debug, working_dir=working_dir, env_variables=env_variables
-            ),
+            lambda: self._run_steps(transport, working_dir, env, debug, background=True),
             name=self.name,
         )
         return self._future
@@ -322,146 +299,6 @@ class RuntimeTask:
         milliseconds = int(timestamp * 1000) % 1000
         name = _FILE_NAME_UNSAFE.sub("_", self.name)
         return os.path.join(directory, f"{name}_{stamp}.{milliseconds:03d}.log")
-
-
-class _StepRunner:
-    """Runs one step and collects its output for the log."""
-
-    def __init__(
-        self,
-        task: RuntimeTask,
-        transport: Transport,
-        working_dir: str | None,
-        env: dict[str, str],
-        log_file: IO[str],
-        debug: bool,
-    ) -> None:
-        self.task = task
-        self.transport = transport
-        self.working_dir = working_dir
-        self.env = env
-        self.log_file = log_file
-        self.debug = debug
-        self.lines: list[str] = []
-
-    def run(self, step: _Step) -> str:
-        try:
-            if isinstance(step, _SendFile):
-                return self._send_file(step)
-            if isinstance(step, _GetFile):
-                return self._get_file(step)
-            if isinstance(step, _RunCommand):
-                return self._run_command(step)
-            return self._run_function(step)
-        except _StepFailed:
-            raise
-        except (LazyclusterError, OSError) as error:
-            self.emit(f"{type(error).__name__}: {error}")
-            raise _StepFailed(self.output(), error) from error
-
-    def emit(self, line: str) -> None:
-        """Record one output line in the step's output, the log file and, with debug, stdout."""
-        line = line.rstrip("\n")
-        self.lines.append(line)
-        self.log_file.write(line + "\n")
-        self.log_file.flush()
-        if self.debug:
-            print(f"{self.transport.host}: {line}", file=sys.stdout, flush=True)
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def _remote_path(self, path: str) -> str:
-        if posixpath.isabs(path) or self.working_dir is None:
-            return path
-        return posixpath.join(self.working_dir, path)
-
-    def _send_file(self, step: _SendFile) -> str:
-        remote = self._remote_path(step.remote_path or os.path.basename(step.local_path))
-        self.emit(f"Sending {step.local_path} to {self.transport.host}:{remote}")
-        if not os.path.exists(step.local_path):
-            raise _StepFailed(f"Local file {step.local_path!r} not found.")
-        self.transport.put(step.local_path, remote)
-        return self.output()
-
-    def _get_file(self, step: _GetFile) -> str:
-        remote = self._remote_path(step.remote_path)
-        local = step.local_path or os.path.join(os.getcwd(), posixpath.basename(remote.rstrip("/")))
-        self.emit(f"Getting {self.transport.host}:{remote} to {os.path.abspath(local)}")
-        self.transport.get(remote, local)
-        return self.output()
-
-    def _run_command(self, step: _RunCommand) -> str:
-        self.emit(f"$ {step.command}")
-        result = self.transport.run(
-            step.command, env=self.env, cwd=self.working_dir, on_output=self.emit
-        )
-        self._emit_unstreamed(result.stdout + result.stderr, streamed_from=1)
-        if result.exit_code != 0:
-            self.emit(f"Exit code {result.exit_code}")
-            raise _StepFailed(self.output())
-        return self.output()
-
-    def _emit_unstreamed(self, text: str, streamed_from: int) -> None:
-        # A transport that does not stream leaves only the command line in self.lines.
-        if len(self.lines) <= streamed_from and text:
-            for line in text.splitlines():
-                if not line.startswith(host_commands.FUNCTION_RESULT_MARKER):
-                    self.emit(line)
-
-    def _run_function(self, step: _RunFunction) -> str:
-        self.emit(f"Running function {step.function_name}")
-
-        def on_output(line: str) -> None:
-            if not line.startswith(host_commands.FUNCTION_RESULT_MARKER):
-                self.emit(line)
-
-        result = self.transport.run(
-            host_commands.python_command(host_commands.FUNCTION_RUNNER_SNIPPET),
-            env=self.env, cwd=self.working_dir, on_output=on_output, stdin=step.payload,
-        )
-        self._emit_unstreamed(result.stdout + result.stderr, streamed_from=1)
-        outcome = self._read_outcome(result.stdout, result.exit_code)
-
-        if not outcome.get("ok"):
-            if not any("Traceback" in line for line in self.lines):
-                self.emit(str(outcome.get("traceback", "")))
-            self.emit(f"Function {step.function_name} failed: {outcome.get('error')}")
-            raise _StepFailed(self.output(), _load_remote_exception(outcome))
-        self.task._function_returns.append(outcome.get("value"))
-        return self.output()
-
-    def _read_outcome(self, stdout: str, exit_code: int) -> dict[str, Any]:
-        encoded = None
-        for line in stdout.splitlines():
-            if line.startswith(host_commands.FUNCTION_RESULT_MARKER):
-                encoded = line[len(host_commands.FUNCTION_RESULT_MARKER):]
-        if encoded is None:
-            self.emit(f"The function runner exited with code {exit_code} and sent no result.")
-            raise _StepFailed(self.output())
-
-        try:
-            outcome = pickle.loads(base64.b64decode(encoded))
-        except Exception as error:
-            self.emit(
-                f"The function result could not be loaded on the manager: {error}. "
-                "Its classes must be importable here too."
-            )
-            raise _StepFailed(self.output(), error) from error
-        return outcome
-
-
-def _load_remote_exception(outcome: dict[str, Any]) -> BaseException | None:
-    pickled = outcome.get("exception")
-    if not pickled:
-        return None
-    try:
-        error = pickle.loads(pickled)
-    except Exception:
-        # The exception class may not exist on the manager; the traceback text still tells.
-        logger.debug("Remote exception could not be unpickled", exc_info=True)
-        return None
-    return error if isinstance(error, BaseException) else None
 
 
 __all__ = ["RuntimeTask"]

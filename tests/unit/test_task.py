@@ -276,3 +276,21 @@ def test_execute_with_transport(backend):  # noqa: F811
 def test_execute_with_bad_connection():
     with pytest.raises(TypeError, match="connection"):
         RuntimeTask().run_command("true").execute("node-1")
+
+
+def test_async_task_stopped_by_cleanup(backend):  # noqa: F811
+    runtime = Runtime("node-1")
+    task = runtime.execute_task(RuntimeTask().run_command("sleep 600"), omit_on_join=True)
+    transport = backend.transports_of("node-1")[0]
+    assert transport.clock.wait_until(lambda: len(transport.processes) == 1, 10)
+    process = transport.processes[0]
+    runtime.cleanup()
+    assert process.poll() is not None
+    with pytest.raises(TaskExecutionError):
+        task.join()
+
+
+def test_async_function_payload_removed(runtime):
+    task = runtime.execute_task(RuntimeTask().run_function(double, value=4))
+    assert list(task.function_returns) == [8]
+    assert [name for name in os.listdir(runtime.working_dir) if name.endswith(".pickle")] == []
