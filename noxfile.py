@@ -19,6 +19,10 @@ nox.options.error_on_missing_interpreters = True
 
 SOURCE_DIRS = ["lazycluster", "sim", "containers", "tests", "noxfile.py"]
 
+# Pinned so that a new release of a checker cannot fail CI on unchanged code.
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
+
 # pytest exits with 5 when it collected no tests; an empty selection in the
 # default sessions is not a failure.
 PYTEST_OK = [0]
@@ -52,7 +56,7 @@ def integration(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff over every Python directory."""
-    session.install("ruff")
+    session.install(RUFF)
     session.run("ruff", "check", *SOURCE_DIRS)
 
 
@@ -60,7 +64,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy over the library, the simulator and the container harness."""
     install_project(session)
-    session.install("mypy")
+    session.install(MYPY)
     session.run("mypy", "-p", "lazycluster", "-p", "sim", "-p", "containers")
 
 
