@@ -177,7 +177,8 @@ class ListeningTunnel(Tunnel):
 
     Every accepted connection is relayed to the stream that `open_target`
     returns. When `open_target` fails, the accepted connection is closed, the
-    failure is logged, and the tunnel keeps listening, as `ssh -L` does.
+    failure is logged and kept in `last_error`, and the tunnel keeps
+    listening, as `ssh -L` does.
     """
 
     def __init__(
@@ -193,6 +194,7 @@ class ListeningTunnel(Tunnel):
         self.listen_port = listen_port
         self.target_port = target_port
         self._open_target = open_target
+        self.last_error: BaseException | None = None
         self._closed = False
         self._lock = threading.Lock()
         name = f"lazycluster-tunnel-{host}-{listen_port}"
@@ -214,6 +216,7 @@ class ListeningTunnel(Tunnel):
             try:
                 target = self._open_target()
             except (OSError, TransportError) as error:
+                self.last_error = error
                 logger.warning(
                     "Tunnel on host %s failed to connect port %d -> %d: %s",
                     self.host,

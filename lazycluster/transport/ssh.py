@@ -92,7 +92,11 @@ def parse_socket_table(text: str) -> set[int]:
 
 
 class RemoteTunnel(Tunnel):
-    """A port the host listens on (sshd's remote forwarding), relayed to the manager."""
+    """A port the host listens on (sshd's remote forwarding), relayed to the manager.
+
+    When the manager's target port refuses a connection, the incoming stream is
+    closed and the error is kept in `last_error`; the tunnel keeps listening.
+    """
 
     def __init__(self, owner: SSHTransport, listen_port: int, target_port: int) -> None:
         self.host = owner.host
@@ -100,6 +104,7 @@ class RemoteTunnel(Tunnel):
         self.listen_port = listen_port
         self.target_port = target_port
         self._owner = owner
+        self.last_error: BaseException | None = None
         self._relays = RelaySet(f"lazycluster-tunnel-{owner.host}-{listen_port}")
         self._closed = False
 
@@ -108,6 +113,12 @@ class RemoteTunnel(Tunnel):
         try:
             sock = connect_loopback(self.target_port)
         except OSError as error:
+            self.last_error = TransportError(
+                self.host,
+                f"Tunnel from port {self.listen_port} of host {self.host!r} failed to connect to "
+                f"manager port {self.target_port}: {error}. Check that a server listens there.",
+                error,
+            )
             logger.warning(
                 "Tunnel on host %s failed to connect port %d -> manager port %d: %s",
                 self.host,

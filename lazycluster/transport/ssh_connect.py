@@ -68,11 +68,11 @@ class Connection:
     settings: HostSettings
     jump_clients: list[paramiko.SSHClient] = field(default_factory=list)
 
-    @property
-    def transport(self) -> paramiko.Transport:
+    def __post_init__(self) -> None:
         transport = self.client.get_transport()
-        assert transport is not None
-        return transport
+        assert transport is not None, "the client is not connected"
+        # Kept here because SSHClient.close() forgets it; a closed one reports inactive.
+        self.transport: paramiko.Transport = transport
 
     def close(self) -> None:
         for client in [self.client, *self.jump_clients]:
@@ -374,6 +374,9 @@ def _needs_passphrase(path: str) -> bool:
         paramiko.PKey.from_path(path)
     except paramiko.PasswordRequiredException:
         return True
+    except TypeError as error:
+        # paramiko 5.1 passes on this error of `cryptography` for an encrypted OpenSSH key.
+        return "password" in str(error).lower()
     except (OSError, paramiko.SSHException, ValueError):
         return False
     return False

@@ -1,0 +1,934 @@
+"""SSHTransport and SSHBackend against real sshd hosts in Docker containers.
+
+Every fault case checks the typed exception, the host in its message, and that
+no thread, socket or process is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lazycluster.exceptions import (
+    AuthenticationError,
+    CommandError,
+    CommandTimeoutError,
+    ConnectionLostError,
+    HostKeyError,
+    HostUnreachableError,
+    PortInUseError,
+    TransportError,
+)
+from lazycluster.transport.ssh import SSHBackend, SSHTransport
+
+REAL_PYTHON = "/usr/bin/python3"
+
+# A TCP echo server for the host: prints its port, then echoes every connection.
+ECHO_SERVER = """
+import socket, sys, threading
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen(64)
+print("listening", flush=True)
+def echo(connection):
+    with connection:
+        while True:
+            data = connection.recv(65536)
+            if not data:
+                break
+            connection.sendall(data)
+while True:
+    connection, _ = server.accept()
+    threading.Thread(target=echo, args=(connection,), daemon=True).start()
+"""
+
+# Opens N concurrent connections to a port on the host, sends SIZE bytes on
+# each and checks the echo; prints "ok N".
+ECHO_CLIENTS = """
+import os, socket, sys, threading
+port, count, size = map(int, sys.argv[1:4])
+failures = []
+def exchange():
+    payload = os.urandom(size)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        received = b""
+        while True:
+            data = client.recv(65536)
+            if not data:
+                break
+            received += data
+    if received != payload:
+        failures.append(len(received))
+threads = [threading.Thread(target=exchange) for _ in range(count)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("ok", count - len(failures), failures)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def lazycluster_threads() -> list[threading.Thread]:
+    return [
+        thread
+        for thread in threading.enumerate()
+        if thread.name.startswith("lazycluster") or "paramiko" in type(thread).__module__
+    ]
+
+
+def exchange(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        received = b""
+        while data := client.recv(65536):
+            received += data
+    return received
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def host_block(alias: str, host, group, **extra: str) -> str:
+    options = {
+        "HostName": "127.0.0.1",
+        "Port": str(host.port),
+        "User": group.user,
+        "IdentityFile": str(group.key_path),
+        "IdentitiesOnly": "yes",
+        "UserKnownHostsFile": str(group.known_hosts_path),
+        "StrictHostKeyChecking": "yes",
+    }
+    options.update(extra)
+    lines = [f"Host {alias}"] + [f"    {key} {value}" for key, value in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+class EchoServer:
+    """A TCP echo server on the manager's 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(64)
+        self.port = self.socket.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._serve, daemon=True)
+        self._accept.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._echo, args=(connection,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    @staticmethod
+    def _echo(connection: socket.socket) -> None:
+        with connection:
+            while data := connection.recv(65536):
+                connection.sendall(data)
+
+    def close(self) -> None:
+        self.socket.shutdown(socket.SHUT_RDWR)
+        self.socket.close()
+        self._accept.join(5)
+        for thread in self._threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def host(ssh_hosts):
+    return ssh_hosts[0]
+
+
+@pytest.fixture
+def transport(ssh_backend, host) -> Iterator[SSHTransport]:
+    threads_before = set(threading.enumerate())
+    connected = ssh_backend.connect(host.alias)
+    yield connected
+    connected.close()
+
+    assert wait_for(lambda: set(lazycluster_threads()) <= threads_before), lazycluster_threads()
+    leftovers = host.leftovers(temp_pattern="lazycluster-*")
+    assert leftovers.is_clean, str(leftovers)
+
+
+def host_pids(host, prefix: str) -> list[int]:
+    """Return the pids of the host's processes whose command line starts with `prefix`."""
+    result = host.exec(["ps", "-eo", "pid=,args="])
+    pids = []
+    for line in result.stdout.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if args.strip().startswith(prefix):
+            pids.append(int(pid))
+    return pids
+
+
+def start_echo_server(transport: SSHTransport, port: int):
+    process = transport.start_process([REAL_PYTHON, "-c", ECHO_SERVER, str(port)])
+    assert wait_for(lambda: "listening" in process.read_log()), process.read_log()
+    return process
+
+
+# Connection and SSH config
+
+
+def test_configured_hosts_lists_aliases(ssh_backend, ssh_hosts):
+    assert ssh_backend.configured_hosts() == ssh_hosts.aliases
+
+
+def test_backend_uses_env_config(ssh_hosts, monkeypatch):
+    monkeypatch.setenv("LAZYCLUSTER_SSH_CONFIG", str(ssh_hosts.ssh_config_path))
+    backend = SSHBackend()
+    assert backend.configured_hosts() == ssh_hosts.aliases
+    with backend.connect(ssh_hosts[1].alias) as transport:
+        assert transport.run(["hostname"]).stdout.strip() == ssh_hosts[1].alias
+
+
+def test_connect_all_hosts_in_parallel(ssh_backend, ssh_hosts):
+    aliases = ssh_hosts.aliases * 4
+    transports = ssh_backend.clock.map(ssh_backend.connect, aliases)
+    try:
+        names = ssh_backend.clock.map(lambda t: t.run(["hostname"]).stdout.strip(), transports)
+        assert names == aliases
+    finally:
+        for transport in transports:
+            transport.close()
+
+
+def test_include_and_host_star_defaults(ssh_hosts, tmp_path):
+    host = ssh_hosts[1]
+    included = tmp_path / "conf.d"
+    included.mkdir()
+    write_config(
+        included / "10-hosts.conf",
+        f"Host included-alias\n    HostName 127.0.0.1\n    Port {host.port}\n",
+    )
+    # The User of `Host *` applies because the host block sets none; its Port
+    # loses because the first value wins.
+    config = write_config(
+        tmp_path / "config",
+        f"Include {included}/*.conf\n"
+        "Host *\n"
+        f"    User {ssh_hosts.user}\n"
+        "    Port 1\n"
+        f"    IdentityFile {ssh_hosts.key_path}\n"
+        "    IdentitiesOnly yes\n"
+        f"    UserKnownHostsFile {ssh_hosts.known_hosts_path}\n",
+    )
+    backend = SSHBackend(str(config))
+    assert backend.configured_hosts() == ["included-alias"]
+    with backend.connect("included-alias") as transport:
+        assert transport.run(["whoami"]).stdout.strip() == ssh_hosts.user
+        assert transport.run(["hostname"]).stdout.strip() == host.alias
+
+
+def test_proxy_jump_chain_of_two_hops(ssh_hosts, tmp_path):
+    host = ssh_hosts[0]
+    known_hosts = tmp_path / "known_hosts"
+    inner = {
+        "User": ssh_hosts.user,
+        "IdentityFile": str(ssh_hosts.key_path),
+        "IdentitiesOnly": "yes",
+        "UserKnownHostsFile": str(known_hosts),
+        "StrictHostKeyChecking": "accept-new",
+    }
+    inner_options = "".join(f"    {key} {value}\n" for key, value in inner.items())
+    # Each hop reaches the next through the container's own loopback sshd.
+    config = write_config(
+        tmp_path / "config",
+        host_block("jump-entry", host, ssh_hosts)
+        + "Host inner-hop\n    HostName 127.0.0.1\n    Port 22\n"
+        + inner_options
+        + "Host behind-two-hops\n    HostName localhost\n    ProxyJump jump-entry,inner-hop\n"
+        + inner_options,
+    )
+    backend = SSHBackend(str(config))
+    with backend.connect("behind-two-hops") as transport:
+        assert transport.run(["hostname"]).stdout.strip() == host.alias
+        # Three SSH connections: the entry hop, the inner hop and the target.
+        assert len(host_pids(host, f"sshd: {ssh_hosts.user} [priv]")) == 3
+        assert transport.ports_in_use([22]) == {22}
+    stored = known_hosts.read_text()
+    assert stored.startswith("127.0.0.1 ")
+    assert "\nlocalhost " in stored
+    assert wait_for(lambda: not host_pids(host, f"sshd: {ssh_hosts.user} [priv]"))
+
+
+class IPv6Relay:
+    """Listens on [::1] of the manager and relays each connection to 127.0.0.1:`port`."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.socket = socket.socket(socket.AF_INET6)
+        self.socket.bind(("::1", 0))
+        self.socket.listen(8)
+        self.port = self.socket.getsockname()[1]
+        self._threads: list[threading.Thread] = [threading.Thread(target=self._serve, daemon=True)]
+        self._threads[0].start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                incoming, _ = self.socket.accept()
+            except OSError:
+                return
+            outgoing = socket.create_connection(("127.0.0.1", self.target))
+            for source, target in ((incoming, outgoing), (outgoing, incoming)):
+                thread = threading.Thread(target=self._pump, args=(source, target), daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+            target.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def test_ipv6_literal_hostname(ssh_hosts, tmp_path):
+    try:
+        relay = IPv6Relay(ssh_hosts[0].port)
+    except OSError:
+        pytest.skip("the manager has no IPv6 loopback address")
+    known_hosts = tmp_path / "known_hosts"
+    config = write_config(
+        tmp_path / "config",
+        host_block(
+            "over-ipv6",
+            ssh_hosts[0],
+            ssh_hosts,
+            HostName="::1",
+            Port=str(relay.port),
+            UserKnownHostsFile=str(known_hosts),
+            StrictHostKeyChecking="accept-new",
+        ),
+    )
+    try:
+        with SSHBackend(str(config)).connect("over-ipv6") as transport:
+            assert transport.run(["hostname"]).stdout.strip() == ssh_hosts[0].alias
+    finally:
+        relay.close()
+    assert known_hosts.read_text().startswith(f"[::1]:{relay.port} ")
+
+
+def test_connection_kwargs_reach_paramiko(ssh_hosts, tmp_path):
+    host = ssh_hosts[0]
+    config = write_config(
+        tmp_path / "config",
+        f"Host no-key\n    HostName 127.0.0.1\n    Port {host.port}\n    User {ssh_hosts.user}\n"
+        f"    UserKnownHostsFile {ssh_hosts.known_hosts_path}\n",
+    )
+    backend = SSHBackend(str(config))
+    kwargs = {"key_filename": str(ssh_hosts.key_path), "look_for_keys": False, "compress": True}
+    with backend.connect("no-key", kwargs) as transport:
+        assert transport.run(["true"]).ok
+
+
+def test_unknown_alias_raises(ssh_hosts):
+    # resolve_unknown_hosts=False keeps the test off DNS: only 127.0.0.0/8 may be contacted.
+    backend = SSHBackend(str(ssh_hosts.ssh_config_path), resolve_unknown_hosts=False)
+    with pytest.raises(HostUnreachableError) as caught:
+        backend.connect("no-such-alias")
+    assert "no-such-alias" in str(caught.value)
+    assert "not in the SSH config" in str(caught.value)
+    assert caught.value.host == "no-such-alias"
+
+
+def test_unreachable_port_raises(ssh_hosts, tmp_path):
+    threads_before = set(threading.enumerate())
+    closed_port = free_port()
+    config = write_config(
+        tmp_path / "config", host_block("closed", ssh_hosts[0], ssh_hosts, Port=str(closed_port))
+    )
+    started = time.monotonic()
+    with pytest.raises(HostUnreachableError) as caught:
+        SSHBackend(str(config)).connect("closed")
+    assert time.monotonic() - started < 5
+    assert "'closed'" in str(caught.value)
+    assert str(closed_port) in str(caught.value)
+    assert wait_for(lambda: set(lazycluster_threads()) <= threads_before)
+
+
+def test_wrong_key_raises(ssh_hosts, tmp_path):
+    threads_before = set(threading.enumerate())
+    key = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    config = write_config(
+        tmp_path / "config", host_block("wrong-key", ssh_hosts[0], ssh_hosts, IdentityFile=str(key))
+    )
+    with pytest.raises(AuthenticationError) as caught:
+        SSHBackend(str(config)).connect("wrong-key")
+    assert "'wrong-key'" in str(caught.value)
+    assert "ssh-copy-id" in str(caught.value)
+    assert wait_for(lambda: set(lazycluster_threads()) <= threads_before)
+
+
+def test_passphrase_key_without_agent_raises(ssh_hosts, tmp_path, monkeypatch):
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    key = tmp_path / "locked_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret words", "-f", str(key)], check=True
+    )
+    config = write_config(
+        tmp_path / "config", host_block("locked", ssh_hosts[0], ssh_hosts, IdentityFile=str(key))
+    )
+    with pytest.raises(AuthenticationError) as caught:
+        SSHBackend(str(config)).connect("locked")
+    message = str(caught.value)
+    assert "'locked'" in message
+    assert "passphrase" in message
+    assert f"ssh-add {key}" in message
+
+
+def test_unknown_host_key_rejected_by_default(ssh_hosts, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    config = write_config(
+        tmp_path / "config",
+        host_block("new-host", ssh_hosts[0], ssh_hosts, UserKnownHostsFile=str(empty)),
+    )
+    with pytest.raises(HostKeyError) as caught:
+        SSHBackend(str(config)).connect("new-host")
+    message = str(caught.value)
+    assert "'new-host'" in message
+    assert "ssh-keyscan" in message
+    assert "accept-new" in message
+    assert empty.read_text() == ""
+
+
+def test_accept_new_stores_key_then_verifies(ssh_hosts, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    host = ssh_hosts[0]
+    config = write_config(
+        tmp_path / "config",
+        host_block(
+            "accepting",
+            host,
+            ssh_hosts,
+            UserKnownHostsFile=str(known_hosts),
+            StrictHostKeyChecking="accept-new",
+        ),
+    )
+    with SSHBackend(str(config)).connect("accepting") as transport:
+        assert transport.run(["true"]).ok
+    assert known_hosts.read_text().startswith(f"[127.0.0.1]:{host.port} ")
+
+    strict = SSHBackend(str(config), strict_host_key_checking="yes")
+    with strict.connect("accepting") as transport:
+        assert transport.run(["true"]).ok
+
+
+def test_explicit_accept_new_overrides_config(ssh_hosts, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    config = write_config(
+        tmp_path / "config",
+        host_block("explicit", ssh_hosts[0], ssh_hosts, UserKnownHostsFile=str(known_hosts)),
+    )
+    backend = SSHBackend(str(config))
+    with pytest.raises(HostKeyError):
+        backend.connect("explicit")
+    with backend.connect("explicit", {"strict_host_key_checking": "accept-new"}) as transport:
+        assert transport.run(["true"]).ok
+    assert known_hosts.exists()
+
+
+def test_changed_host_key_rejected(ssh_hosts, tmp_path):
+    host = ssh_hosts[0]
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    key_type, key_data = Path(f"{other}.pub").read_text().split()[:2]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{host.port} {key_type} {key_data}\n")
+    config = write_config(
+        tmp_path / "config",
+        host_block(
+            "changed",
+            host,
+            ssh_hosts,
+            UserKnownHostsFile=str(known_hosts),
+            StrictHostKeyChecking="accept-new",
+        ),
+    )
+    with pytest.raises(HostKeyError) as caught:
+        SSHBackend(str(config)).connect("changed")
+    assert "'changed'" in str(caught.value)
+    assert "ssh-keygen -R" in str(caught.value)
+
+
+def test_strict_checking_no_skips_known_hosts(ssh_hosts, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    config = write_config(
+        tmp_path / "config",
+        host_block(
+            "unchecked",
+            ssh_hosts[0],
+            ssh_hosts,
+            UserKnownHostsFile=str(known_hosts),
+            StrictHostKeyChecking="no",
+        ),
+    )
+    with SSHBackend(str(config)).connect("unchecked") as transport:
+        assert transport.run(["true"]).ok
+    assert not known_hosts.exists()
+
+
+def test_local_is_shared_local_transport(ssh_backend):
+    local = ssh_backend.local()
+    assert local is ssh_backend.local()
+    assert local.is_local
+    assert local.host == "localhost"
+
+
+# Commands
+
+
+def test_run_argv_env_and_cwd(transport):
+    tricky = ["two words", "$HOME", "it's", '"double"', "; touch /tmp/lazycluster-bad", "*"]
+    result = transport.run(["printf", "%s\\n", *tricky])
+    assert result.stdout.splitlines() == tricky
+    assert result.host == transport.host
+
+    env = {"QUOTED": "a 'b' \"c\" $d `e`", "EMPTY": ""}
+    result = transport.run('printf "%s|%s" "$QUOTED" "$EMPTY"; pwd', env=env, cwd="/usr/lib")
+    assert result.stdout == "a 'b' \"c\" $d `e`|/usr/lib\n"
+
+
+def test_run_rejects_invalid_env_name(transport):
+    with pytest.raises(ValueError, match="environment variable name"):
+        transport.run(["true"], env={"BAD;rm": "x"})
+
+
+def test_run_missing_cwd_fails_before_command(transport):
+    result = transport.run(["touch", "marker"], cwd="/no/such/dir")
+    assert result.exit_code != 0
+    assert "/no/such/dir" in result.stderr
+
+
+def test_run_command_not_found(transport):
+    result = transport.run(["lazycluster-no-such-command"])
+    assert result.exit_code == 127
+    assert "not found" in result.stderr
+
+
+def test_run_nonzero_exit(transport):
+    result = transport.run("echo partial; echo broken >&2; exit 7")
+    assert result.exit_code == 7
+    assert result.stdout == "partial\n"
+    assert result.stderr == "broken\n"
+    with pytest.raises(CommandError) as caught:
+        result.check()
+    assert transport.host in str(caught.value)
+    assert "broken" in str(caught.value)
+
+
+def test_run_timeout_kills_remote_command(transport, host):
+    started = time.monotonic()
+    with pytest.raises(CommandTimeoutError) as caught:
+        transport.run("sleep 1234 & sleep 1235; wait", timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert transport.host in str(caught.value)
+    assert wait_for(lambda: not host_pids(host, "sleep 123")), host_pids(host, "sleep 123")
+
+
+def test_run_streams_lines_and_stdin(transport):
+    lines: list[str] = []
+    result = transport.run(
+        "cat; echo done; echo warn >&2", stdin=b"first\nsecond\n", on_output=lines.append
+    )
+    assert result.stdout == "first\nsecond\ndone\n"
+    assert lines[:3] == ["first", "second", "done"]
+    assert "warn" in lines
+
+
+def test_run_large_output(transport):
+    result = transport.run(["head", "-c", "5000000", "/dev/zero"])
+    assert len(result.stdout) == 5_000_000
+
+
+# Background processes
+
+
+def test_process_detached_in_own_group(transport, host):
+    process = transport.start_process(["sleep", "4321"])
+    assert process.is_alive
+    stat_line = host.exec(["cat", f"/proc/{process.pid}/stat"]).stdout
+    fields = stat_line.rpartition(")")[2].split()
+    assert int(fields[2]) == process.pid  # process group
+    assert int(fields[3]) == process.pid  # session
+    assert process in transport.processes
+
+    assert process.stop(grace=5) == 143
+    assert not host_pids(host, "sleep 4321")
+
+
+def test_process_exit_code_log_env_cwd(transport, host):
+    log_path = "/tmp/lazycluster-test-logs/nested/out.log"
+    process = transport.start_process(
+        "echo $VALUE; pwd; echo oops >&2; exit 9",
+        env={"VALUE": "x y"},
+        cwd="/usr",
+        log_path=log_path,
+    )
+    assert process.wait(timeout=10) == 9
+    assert process.poll() == 9
+    assert process.log_path == log_path
+    assert process.read_log() == "x y\n/usr\noops\n"
+    assert process.read_log(max_lines=1) == "oops\n"
+    host.exec(["rm", "-rf", "/tmp/lazycluster-test-logs"]).check()
+
+
+def test_process_not_found_exits_127(transport):
+    process = transport.start_process(["lazycluster-no-such-command"])
+    assert process.wait(timeout=10) == 127
+    assert "not found" in process.read_log()
+
+
+def test_process_wait_timeout(transport):
+    process = transport.start_process(["sleep", "30"])
+    with pytest.raises(CommandTimeoutError, match=transport.host):
+        process.wait(timeout=0.3)
+    assert process.is_alive
+
+
+def test_process_stop_kills_after_grace(transport, host):
+    process = transport.start_process("trap '' TERM; sleep 4322 & wait; sleep 4323")
+    assert wait_for(lambda: host_pids(host, "sleep 4322"))
+    started = time.monotonic()
+    assert process.stop(grace=0.5) == 137
+    assert time.monotonic() - started < 8
+    assert not host_pids(host, "sleep 432")
+
+
+def test_close_stops_processes(ssh_backend, host):
+    transport = ssh_backend.connect(host.alias)
+    transport.start_process(["sleep", "4324"])
+    transport.start_process("trap '' TERM; sleep 4325")
+    assert wait_for(lambda: len(host_pids(host, "sleep 432")) == 2)
+    transport.close()
+    transport.close()
+    assert not host_pids(host, "sleep 432")
+    assert host.leftovers(temp_pattern="lazycluster-*").is_clean
+    with pytest.raises(TransportError, match="closed"):
+        transport.run(["true"])
+
+
+# Files
+
+
+def test_put_get_file_keeps_mode(transport, host, tmp_path):
+    source = tmp_path / "tool.sh"
+    source.write_bytes(os.urandom(300_000))
+    source.chmod(0o751)
+    remote = "/tmp/lazycluster-files/a/b/tool.sh"
+    try:
+        transport.put(str(source), remote)
+        assert transport.run(["stat", "-c", "%a %s", remote]).stdout.split() == ["751", "300000"]
+
+        back = tmp_path / "back" / "deeper" / "tool.sh"
+        transport.get(remote, str(back))
+        assert back.read_bytes() == source.read_bytes()
+        assert stat.S_IMODE(back.stat().st_mode) == 0o751
+    finally:
+        host.exec(["rm", "-rf", "/tmp/lazycluster-files"])
+
+
+def test_put_get_folder_recursively(transport, host, tmp_path):
+    source = tmp_path / "project"
+    (source / "pkg" / "data").mkdir(parents=True)
+    (source / "top.txt").write_text("top")
+    (source / "pkg" / "run.py").write_text("print(1)")
+    (source / "pkg" / "run.py").chmod(0o700)
+    (source / "pkg" / "data").chmod(0o750)
+    try:
+        transport.put(str(source), "~/lazycluster-folder/copy")
+        listing = transport.run(
+            "cd ~/lazycluster-folder/copy && find . | sort && stat -c %a pkg/data"
+        )
+        assert listing.stdout.split() == [
+            ".",
+            "./pkg",
+            "./pkg/data",
+            "./pkg/run.py",
+            "./top.txt",
+            "750",
+        ]
+
+        back = tmp_path / "back"
+        transport.get("~/lazycluster-folder/copy", str(back))
+        assert (back / "top.txt").read_text() == "top"
+        assert stat.S_IMODE((back / "pkg" / "run.py").stat().st_mode) == 0o700
+        assert stat.S_IMODE((back / "pkg" / "data").stat().st_mode) == 0o750
+    finally:
+        transport.run(["rm", "-rf", "lazycluster-folder"])
+
+
+def test_copy_missing_paths_raise(transport, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        transport.put(str(tmp_path / "missing"), "/tmp/lazycluster-never")
+    with pytest.raises(FileNotFoundError) as caught:
+        transport.get("/no/such/file", str(tmp_path / "target"))
+    assert transport.host in str(caught.value)
+
+
+# Ports
+
+
+def test_ports_in_use_listeners_and_free(transport, host):
+    ports = [free_port() for _ in range(3)]
+    blockers = [host.occupy_port(ports[0], "0.0.0.0"), host.occupy_port(ports[1], "127.0.0.1")]
+    try:
+        assert transport.ports_in_use(ports + [22]) == {ports[0], ports[1], 22}
+    finally:
+        for blocker in blockers:
+            blocker.stop()
+    assert transport.ports_in_use(ports) == set()
+    assert transport.ports_in_use([]) == set()
+
+
+def test_ports_in_use_ipv6_listener(transport, host):
+    port = free_port()
+    try:
+        blocker = host.occupy_port(port, "::1")
+    except OSError:
+        pytest.skip("IPv6 is disabled in the test containers")
+    try:
+        assert transport.ports_in_use([port]) == {port}
+    finally:
+        blocker.stop()
+
+
+def test_ports_in_use_sees_connected_port(transport):
+    # A connected socket holds its local port even though nothing listens on it.
+    script = (
+        "import socket, time\n"
+        "c = socket.create_connection(('127.0.0.1', 22))\n"
+        "print(c.getsockname()[1], flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    process = transport.start_process([REAL_PYTHON, "-c", script])
+    assert wait_for(lambda: process.read_log().strip().isdigit())
+    port = int(process.read_log())
+    assert transport.ports_in_use([port]) == {port}
+    process.stop()
+
+
+@pytest.mark.parametrize("port", [0, 65536, -5])
+def test_ports_in_use_rejects_out_of_range(transport, port):
+    with pytest.raises(ValueError, match=str(port)):
+        transport.ports_in_use([22, port])
+
+
+# Tunnels
+
+
+def test_forward_local_many_streams(transport):
+    host_port, manager_port = free_port(), free_port()
+    server = start_echo_server(transport, host_port)
+    (tunnel,) = transport.forward_local([(manager_port, host_port)])
+    assert tunnel.kind == "local"
+    assert tunnel in transport.tunnels
+
+    payloads = [os.urandom(500_000 + index) for index in range(12)]
+    results: list[bytes | None] = [None] * len(payloads)
+
+    def send(index: int) -> None:
+        results[index] = exchange(manager_port, payloads[index])
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == payloads
+
+    tunnel.close()
+    assert not tunnel.is_open
+    assert tunnel not in transport.tunnels
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", manager_port), timeout=5)
+    server.stop()
+
+
+def test_forward_remote_many_streams(transport):
+    server = EchoServer()
+    host_port = free_port()
+    try:
+        (tunnel,) = transport.forward_remote([(host_port, server.port)])
+        assert tunnel.kind == "remote"
+        assert transport.ports_in_use([host_port]) == {host_port}
+
+        result = transport.run(
+            [REAL_PYTHON, "-c", ECHO_CLIENTS, str(host_port), "10", "300000"], timeout=60
+        )
+        assert result.stdout.strip() == "ok 10 []", result.stderr
+
+        tunnel.close()
+        assert transport.ports_in_use([host_port]) == set()
+        assert tunnel not in transport.tunnels
+    finally:
+        server.close()
+
+
+def test_forward_remote_batch_and_port_in_use(transport, host):
+    server = EchoServer()
+    free_ports = [free_port() for _ in range(3)]
+    taken = free_port()
+    blocker = host.occupy_port(taken, "127.0.0.1")
+    try:
+        with pytest.raises(PortInUseError) as caught:
+            transport.forward_remote(
+                [(port, server.port) for port in free_ports] + [(taken, server.port)]
+            )
+        assert str(taken) in str(caught.value)
+        assert transport.host in str(caught.value)
+        # The forwards opened before the failure were rolled back.
+        assert transport.ports_in_use(free_ports) == set()
+        assert transport.tunnels == []
+
+        tunnels = transport.forward_remote([(port, server.port) for port in free_ports])
+        assert transport.ports_in_use(free_ports) == set(free_ports)
+        for tunnel in tunnels:
+            tunnel.close()
+    finally:
+        blocker.stop()
+        server.close()
+
+
+def test_tunnels_reject_ports_out_of_range(transport):
+    with pytest.raises(ValueError):
+        transport.forward_local([(70000, 22)])
+    with pytest.raises(ValueError):
+        transport.forward_remote([(8000, 0)])
+    assert transport.tunnels == []
+
+
+def test_forward_local_to_port_nobody_listens_on(transport, caplog):
+    manager_port, host_port = free_port(), free_port()
+    (tunnel,) = transport.forward_local([(manager_port, host_port)])
+    with (
+        caplog.at_level(logging.WARNING),
+        socket.create_connection(("127.0.0.1", manager_port), timeout=5) as client,
+    ):
+        assert client.recv(10) == b""
+    assert isinstance(tunnel.last_error, TransportError)
+    assert transport.host in str(tunnel.last_error)
+    assert str(host_port) in str(tunnel.last_error)
+    assert tunnel.is_open
+    tunnel.close()
+
+
+def test_forward_remote_to_port_nobody_listens_on(transport):
+    host_port, manager_port = free_port(), free_port()
+    (tunnel,) = transport.forward_remote([(host_port, manager_port)])
+    client = (
+        "import socket, sys\n"
+        "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)\n"
+        "print(repr(s.recv(10)))\n"
+    )
+    result = transport.run([REAL_PYTHON, "-c", client, str(host_port)], timeout=20)
+    assert result.stdout.strip() == "b''"
+    assert isinstance(tunnel.last_error, TransportError)
+    assert str(manager_port) in str(tunnel.last_error)
+    tunnel.close()
+
+
+# Dropped connections and stopped hosts
+
+
+def kill_ssh_sessions(host) -> None:
+    """Kill the sshd session processes of the host's test user, as a network drop would."""
+    for pid in host_pids(host, f"sshd: {host.user}"):
+        host.exec(["kill", "-s", "KILL", str(pid)])
+
+
+def test_reconnect_after_dropped_connection(ssh_backend, host):
+    transport = ssh_backend.connect(host.alias)
+    try:
+        process = transport.start_process(["sleep", "4326"])
+        kill_ssh_sessions(host)
+        assert wait_for(lambda: not transport._connection.transport.is_active())
+
+        # The process was detached, so it survived the drop; the next calls reconnect.
+        assert transport.ports_in_use([22]) == {22}
+        assert process.is_alive
+        assert transport.run(["echo", "back"]).stdout == "back\n"
+    finally:
+        transport.close()
+    assert not host_pids(host, "sleep 4326")
+
+
+def test_host_stopped_mid_transfer(make_ssh_hosts, tmp_path):
+    threads_before = set(threading.enumerate())
+    group = make_ssh_hosts(1)
+    host = group[0]
+    backend = SSHBackend(str(group.ssh_config_path))
+    transport = backend.connect(host.alias)
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as file:
+        file.truncate(400 * 1024 * 1024)
+
+    errors: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            transport.put(str(big), "/tmp/big.bin")
+        except BaseException as error:  # handed to the test thread
+            errors.append(error)
+
+    copier = threading.Thread(target=copy)
+    copier.start()
+    assert wait_for(
+        lambda: host.exec(["sh", "-c", "test -s /tmp/big.bin"]).exit_code == 0, timeout=20
+    )
+    host.kill()
+    copier.join(60)
+    assert not copier.is_alive()
+    assert len(errors) == 1
+    assert isinstance(errors[0], ConnectionLostError), repr(errors[0])
+    assert host.alias in str(errors[0])
+
+    with pytest.raises(ConnectionLostError, match=host.alias):
+        transport.run(["true"])
+    transport.close()
+    assert wait_for(lambda: set(lazycluster_threads()) <= threads_before), lazycluster_threads()
