@@ -7,6 +7,9 @@
 # and exits non-zero. An engine that already responds is left alone.
 set -euo pipefail
 
+# dockerd lives in /usr/sbin, which some non-login shells leave off PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
+
 WAIT_SECONDS="${DOCKER_UP_WAIT_SECONDS:-60}"
 DOCKERD_LOG="${DOCKERD_LOG:-/var/log/lazycluster-dockerd.log}"
 
