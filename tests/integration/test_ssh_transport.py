@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import socket
 import stat
 import subprocess
@@ -32,6 +31,7 @@ from lazycluster.exceptions import (
 from lazycluster.transport.ssh import SSHBackend, SSHTransport
 
 REAL_PYTHON = "/usr/bin/python3"
+HOST_TMP = "/tmp"  # noqa: S108 - the temp folder inside the test containers
 
 # A TCP echo server for the host: prints its port, then echoes every connection.
 ECHO_SERVER = """
@@ -603,7 +603,7 @@ def test_process_detached_in_own_group(transport, host):
 
 
 def test_process_exit_code_log_env_cwd(transport, host):
-    log_path = "/tmp/lazycluster-test-logs/nested/out.log"
+    log_path = f"{HOST_TMP}/lazycluster-test-logs/nested/out.log"
     process = transport.start_process(
         "echo $VALUE; pwd; echo oops >&2; exit 9",
         env={"VALUE": "x y"},
@@ -615,7 +615,7 @@ def test_process_exit_code_log_env_cwd(transport, host):
     assert process.log_path == log_path
     assert process.read_log() == "x y\n/usr\noops\n"
     assert process.read_log(max_lines=1) == "oops\n"
-    host.exec(["rm", "-rf", "/tmp/lazycluster-test-logs"]).check()
+    host.exec(["rm", "-rf", f"{HOST_TMP}/lazycluster-test-logs"]).check()
 
 
 def test_process_not_found_exits_127(transport):
@@ -660,7 +660,7 @@ def test_put_get_file_keeps_mode(transport, host, tmp_path):
     source = tmp_path / "tool.sh"
     source.write_bytes(os.urandom(300_000))
     source.chmod(0o751)
-    remote = "/tmp/lazycluster-files/a/b/tool.sh"
+    remote = f"{HOST_TMP}/lazycluster-files/a/b/tool.sh"
     try:
         transport.put(str(source), remote)
         assert transport.run(["stat", "-c", "%a %s", remote]).stdout.split() == ["751", "300000"]
@@ -670,7 +670,7 @@ def test_put_get_file_keeps_mode(transport, host, tmp_path):
         assert back.read_bytes() == source.read_bytes()
         assert stat.S_IMODE(back.stat().st_mode) == 0o751
     finally:
-        host.exec(["rm", "-rf", "/tmp/lazycluster-files"])
+        host.exec(["rm", "-rf", f"{HOST_TMP}/lazycluster-files"])
 
 
 def test_put_get_folder_recursively(transport, host, tmp_path):
@@ -705,7 +705,7 @@ def test_put_get_folder_recursively(transport, host, tmp_path):
 
 def test_copy_missing_paths_raise(transport, tmp_path):
     with pytest.raises(FileNotFoundError):
-        transport.put(str(tmp_path / "missing"), "/tmp/lazycluster-never")
+        transport.put(str(tmp_path / "missing"), f"{HOST_TMP}/lazycluster-never")
     with pytest.raises(FileNotFoundError) as caught:
         transport.get("/no/such/file", str(tmp_path / "target"))
     assert transport.host in str(caught.value)
@@ -912,7 +912,7 @@ def test_host_stopped_mid_transfer(make_ssh_hosts, tmp_path):
 
     def copy() -> None:
         try:
-            transport.put(str(big), "/tmp/big.bin")
+            transport.put(str(big), f"{HOST_TMP}/big.bin")
         except BaseException as error:  # handed to the test thread
             errors.append(error)
 
