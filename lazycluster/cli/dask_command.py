@@ -34,13 +34,19 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt, so `kill PID` cleans up like Ctrl-C does."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+def _signals_as_interrupt() -> Iterator[None]:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt, so `kill PID` cleans up like Ctrl-C.
+
+    SIGINT is set too because a shell starts background jobs with SIGINT
+    ignored, and Python then keeps it ignored.
+    """
+    previous_int = signal.signal(signal.SIGINT, _raise_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 @contextmanager
@@ -121,7 +127,7 @@ def run_dask(args: argparse.Namespace) -> int:
 
     manager = None
     cluster = None
-    with _sigterm_as_interrupt():
+    with _signals_as_interrupt():
         try:
             manager = _create_manager(args.timeout)
             _check_hosts_active(manager, args.hosts)
