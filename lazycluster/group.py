@@ -234,8 +234,8 @@ class RuntimeGroup:
             raise NoPortsLeftError("No port to choose from: pass a non-empty port list.")
         # One ports_in_use call per host for the whole list, all hosts in parallel.
         in_use: set[int] = set()
-        for taken in self._map(lambda runtime: runtime.transport.ports_in_use(ports), runtimes):
-            in_use |= taken
+        for ports_taken in self._map(lambda runtime: runtime.transport.ports_in_use(ports), runtimes):
+            in_use |= ports_taken
         if check_manager:
             in_use |= manager_transport().ports_in_use(ports)
 

@@ -1,7 +1,7 @@
 """Runtime: one host reached through the transport seam, usually over SSH.
 
-A Runtime checks at construction that the host answers and has a usable
-python3, keeps a working directory there, runs `RuntimeTask`s and opens
+A Runtime checks at construction that SSH works and that python3 3.8 or
+newer runs on the host. It keeps a working directory there, runs `RuntimeTask`s and opens
 tunnels (see `RuntimePortsMixin`). `cleanup()` undoes everything it started.
 """
 
@@ -115,7 +115,7 @@ class Runtime(RuntimeTasksMixin):
             raise InvalidRuntimeError(self._host, f"connection failed: {error}", error) from error
 
     def _probe(self, timeout: float) -> dict[str, Any]:
-        """Check in one round trip that python3 >= 3.8 answers, and read the host info."""
+        """Check in one round trip that python3 >= 3.8 runs on the host, and read the host info."""
         command = host_commands.python_command(host_commands.HOST_INFO_SNIPPET)
         try:
             result = self._transport.run(command, timeout=timeout)
@@ -286,14 +286,17 @@ class Runtime(RuntimeTasksMixin):
         check_non_empty_str(path, "path")
         normalized = posixpath.normpath(path)
         if normalized in ("/", ".", "~", str(self._info["home"])):
-            raise ValueError(f"Refusing to delete {path!r} on host {self._host!r}: pass a subdirectory.")
+            raise ValueError(
+                f"Invalid path {path!r} for delete_dir on host {self._host!r}: it is the root, "
+                "current or home directory. Pass a subdirectory."
+            )
         result = self._run(host_commands.remove_dir(path))
         if result.exit_code != 0:
             logger.warning("Failed to delete %s on host %s: %s", path, self._host, result.stderr.strip())
         return result.exit_code == 0
 
     def echo(self, msg: str) -> str:
-        """Print `msg` on the host and return what came back (without the trailing newline)."""
+        """Print `msg` on the host and return the output without the trailing newline."""
         if not isinstance(msg, str):
             raise TypeError(f"Invalid message {msg!r}: expected a string.")
         result = self._run(host_commands.echo(msg)).check()

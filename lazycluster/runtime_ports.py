@@ -137,19 +137,14 @@ class RuntimePortsMixin:
         return {key: value for key, value in self._processes.items() if _is_alive(value)}
 
     def stop_process(self, key: str) -> None:
-        """Close the tunnel under `key`, or forget the task under it.
-
-        A task that is still running keeps running until `cleanup()` closes the connection.
-        """
+        """Close the tunnel under `key`, or stop the task under it, and forget the key."""
         self._check_key(key)
         value = self._processes.pop(key)
         if isinstance(value, Tunnel):
             value.close()
             logger.info("Closed tunnel %s of host %s", key, self.host)
-        elif value is not None and value.is_running:
-            logger.warning(
-                "Task %r on host %s keeps running until the runtime is cleaned up", value.name, self.host
-            )
+        elif value is not None:
+            value.stop()
 
     def is_runtime_task_process(self, key: str) -> bool:
         """Return whether `key` belongs to a task."""

@@ -30,7 +30,7 @@ from lazycluster.task_steps import (
     StepFailed,
     StepRunner,
 )
-from lazycluster.transport import Transport
+from lazycluster.transport import ProcessHandle, Transport
 from lazycluster.validation import check_env_variables, check_non_empty_str
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ class RuntimeTask:
         self._function_returns: list[Any] = []
         self._future: Future[None] | None = None
         self._host: str | None = None
+        # The background process of the running step, so that stop() can end it.
+        self._current_process: ProcessHandle | None = None
+        self._stop_requested = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> RuntimeTask:
         # A copy has the same steps but its own log, returns and execution handle.
@@ -79,8 +82,8 @@ class RuntimeTask:
     def send_file(self, local_path: str, remote_path: str | None = None) -> RuntimeTask:
         """Add a step that copies a local file or folder to the host.
 
-        A relative `remote_path` is relative to the runtime's working directory;
-        without one, the file keeps its name in the working directory.
+        A relative `remote_path` is relative to the runtime's working directory.
+        Without one, the file keeps its name in the working directory.
         """
         local_path = os.fspath(check_non_empty_str(local_path, "local_path"))
         if remote_path is not None:
@@ -95,8 +98,8 @@ class RuntimeTask:
     def get_file(self, remote_path: str, local_path: str | None = None) -> RuntimeTask:
         """Add a step that copies a file or folder from the host to the manager.
 
-        A relative `remote_path` is relative to the runtime's working directory;
-        without `local_path`, the file keeps its name in the current directory.
+        A relative `remote_path` is relative to the runtime's working directory.
+        Without `local_path`, the file keeps its name in the current directory.
         """
         check_non_empty_str(remote_path, "remote_path")
         if local_path is not None:
@@ -105,7 +108,7 @@ class RuntimeTask:
         return self
 
     def run_command(self, command: str) -> RuntimeTask:
-        """Add a step that runs a shell command on the host; a non-zero exit code fails the task."""
+        """Add a step that runs a shell command on the host. A non-zero exit code fails the task."""
         check_non_empty_str(command, "command")
         self._steps.append(RunCommand(command))
         return self
@@ -118,7 +121,7 @@ class RuntimeTask:
         available from `function_returns` after execution.
 
         cloudpickle sends functions of importable modules by reference, so the
-        host must be able to import that module too; for a module of your own
+        host must be able to import that module too. For a module of your own
         that the host lacks, call `cloudpickle.register_pickle_by_value(module)`.
         """
         if not callable(function):
@@ -190,11 +193,21 @@ class RuntimeTask:
         for entry in self._execution_log:
             print(entry)
 
-    def cleanup(self) -> None:
-        """Forget a finished asynchronous execution.
+    def stop(self) -> None:
+        """Stop an asynchronous execution: end the running step's process and skip the later steps.
 
-        A running execution is stopped only by cleaning up its Runtime, which closes the connection.
+        A file copy in progress finishes first. `join()` then raises TaskExecutionError.
         """
+        if not self.is_running:
+            return
+        self._stop_requested = True
+        process = self._current_process
+        if process is not None:
+            logger.info("Stopping task %r on host %s", self.name, self._host)
+            process.stop()
+
+    def cleanup(self) -> None:
+        """Forget a finished asynchronous execution."""
         if self._future is not None and self._future.done():
             self._future = None
 
@@ -215,6 +228,7 @@ class RuntimeTask:
         A failing step raises TaskExecutionError and skips the later steps.
         """
         transport, working_dir, env = self._resolve_connection(connection, working_dir, env_variables)
+        self._stop_requested = False
         self._run_steps(transport, working_dir, env, debug, background=False)
 
     def _run_steps(
@@ -234,6 +248,11 @@ class RuntimeTask:
 
         with open(self._execution_log_file_path, "a", encoding="utf-8") as log_file:
             for index, step in enumerate(self._steps):
+                if self._stop_requested:
+                    raise TaskExecutionError(
+                        index, self, transport.host, self._execution_log_file_path,
+                        "The task was stopped before this step.",
+                    )
                 runner = StepRunner(self, transport, working_dir, env, log_file, debug, background)
                 try:
                     entry = runner.run(step)

@@ -159,7 +159,11 @@ class StepRunner:
             process = self.transport.start_process(command, env=self.env, cwd=self.working_dir)
             logger.debug("Task %r step runs as process %d on host %s", self.task.name, process.pid,
                          self.transport.host)
-            exit_code = process.wait()
+            self.task._current_process = process
+            try:
+                exit_code = process.wait()
+            finally:
+                self.task._current_process = None
             log = process.read_log()
             for line in log.splitlines():
                 self.emit_output(line)

@@ -160,7 +160,7 @@ def test_create_and_delete_dir(runtime, tmp_path):
 
 @pytest.mark.parametrize("path", ["/", "/.", "."])
 def test_delete_dir_rejects_root(runtime, path):
-    with pytest.raises(ValueError, match="Refusing"):
+    with pytest.raises(ValueError, match="Pass a subdirectory"):
         runtime.delete_dir(path)
 
 

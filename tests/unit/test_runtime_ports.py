@@ -11,7 +11,7 @@ from runtime_fixtures import (  # noqa: F401 - pytest fixtures
     free_ports,
 )
 
-from lazycluster import NoPortsLeftError, PortInUseError, Runtime, RuntimeTask
+from lazycluster import NoPortsLeftError, PortInUseError, Runtime, RuntimeTask, TaskExecutionError
 from lazycluster.transport.local import LocalTransport
 
 
@@ -127,3 +127,17 @@ def test_task_in_process_table(runtime):
     assert runtime.alive_process_count == 1
     task.join()
     assert runtime.get_processes(only_alive=True) == {}
+
+
+def test_stop_process_stops_task(runtime, tmp_path):
+    marker = tmp_path / "never"
+    task = runtime.execute_task(RuntimeTask().run_command("sleep 600").run_command(f"touch {marker}"))
+    (key,) = runtime.get_processes()
+    transport = runtime.transport
+    assert transport.clock.wait_until(lambda: task._current_process is not None, 10)
+    runtime.stop_process(key)
+    with pytest.raises(TaskExecutionError):
+        task.join()
+    assert not marker.exists()
+    assert all(process.poll() is not None for process in transport.processes)
+    assert runtime.get_processes() == {}
