@@ -104,7 +104,7 @@ class RuntimeGroup:
         self._runtimes[runtime.host] = runtime
 
     def remove_runtime(self, host: str) -> None:
-        """Remove the runtime of `host` from the group; it is not cleaned up."""
+        """Remove the runtime of `host` from the group without cleaning it up."""
         self._check_member(host)
         del self._runtimes[host]
 
@@ -133,7 +133,7 @@ class RuntimeGroup:
 
     def _check_member(self, host: str) -> None:
         if host not in self._runtimes:
-            raise ValueError(f"Host {host!r} is not in the runtime group; its hosts are {self.hosts}.")
+            raise ValueError(f"Host {host!r} is not in the runtime group. Its hosts are {self.hosts}.")
 
     # --- environment and info ----------------------------------------------------------
 
@@ -184,14 +184,14 @@ class RuntimeGroup:
     def send_file(
         self, local_path: str, remote_path: str | None = None, execute_async: bool = True
     ) -> list[RuntimeTask]:
-        """Copy a local file or folder to every runtime; return one task per runtime."""
+        """Copy a local file or folder to every runtime and return one task per runtime."""
         task = RuntimeTask("send-file").send_file(local_path, remote_path)
         tasks = self.execute_task(task, broadcast=True, execute_async=execute_async)
         assert isinstance(tasks, list)
         return tasks
 
     def join(self) -> None:
-        """Wait for the tasks of every runtime; raise the first failure after all have finished."""
+        """Wait for the tasks of every runtime, then raise the first failure, if any."""
         errors = self._map(_join_runtime)
         for error in errors:
             if error is not None:
@@ -253,7 +253,7 @@ class RuntimeGroup:
         runtime_port: int | list[int] | None = None,
         exclude_hosts: str | list[str] | None = None,
     ) -> int:
-        """Make the manager's `local_port` reachable on every runtime; return the runtime port used.
+        """Make the manager's `local_port` reachable on every runtime and return the runtime port used.
 
         A list of runtime ports picks the first one free on all of them.
         """
@@ -267,10 +267,10 @@ class RuntimeGroup:
     def expose_port_from_runtime_to_group(
         self, host: str, runtime_port: int, group_port: int | list[int] | None = None
     ) -> int:
-        """Make port `runtime_port` of `host` reachable on every other runtime; return the group port.
+        """Make port `runtime_port` of `host` reachable on every other runtime and return the group port.
 
         The traffic goes through the manager. `group_port` defaults to
-        `runtime_port`; a list picks the first one free on all other runtimes.
+        `runtime_port`. A list picks the first one free on all other runtimes.
         """
         source = self.get_runtime(check_host(host))
         runtime_port = validate_port(runtime_port, "runtime_port")
@@ -313,7 +313,7 @@ class RuntimeGroup:
         )
 
     def _open_all(self, open_one: Callable[[Runtime], str], runtimes: list[Runtime]) -> list[str]:
-        """Open one tunnel per runtime in parallel; if any fails, close those that opened."""
+        """Open one tunnel per runtime in parallel. If any fails, close those that opened and raise."""
         outcomes = self._map(lambda runtime: _attempt(open_one, runtime), runtimes)
         failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if failures:
@@ -326,7 +326,7 @@ class RuntimeGroup:
     # --- cleanup --------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        """Clean up every runtime in parallel; calling it twice is harmless."""
+        """Clean up every runtime in parallel. Calling it twice is harmless."""
         self._map(_cleanup_quietly)
 
 
@@ -355,9 +355,9 @@ def _cleanup_quietly(runtime: Runtime) -> None:
 def _unique(hosts: list[str], name: str) -> list[str]:
     duplicates = sorted({host for host in hosts if hosts.count(host) > 1})
     if duplicates:
-        raise ValueError(f"Invalid {name}: hosts {duplicates} appear more than once; list each host once.")
+        raise ValueError(f"Invalid {name}: hosts {duplicates} appear more than once. List each host once.")
     if not hosts:
-        raise ValueError(f"Invalid {name}: the list is empty; pass at least one host.")
+        raise ValueError(f"Invalid {name}: the list is empty. Pass at least one host.")
     return hosts
 
 
@@ -373,7 +373,7 @@ def _check_runtimes(runtimes: object) -> list[Runtime]:
 
 
 def _connect_all(hosts: list[str], working_dir: str | None) -> list[Runtime]:
-    """Create one Runtime per host in parallel; if any fails, clean up the others and raise."""
+    """Create one Runtime per host in parallel. If any fails, clean up the others and raise."""
 
     def connect(host: str) -> Runtime | BaseException:
         try:

@@ -58,7 +58,7 @@ Step = SendFile | GetFile | RunCommand | RunFunction
 
 
 class StepFailed(Exception):
-    """A step failed with this output; RuntimeTask turns it into TaskExecutionError."""
+    """A step failed with this output, which RuntimeTask turns into TaskExecutionError."""
 
     def __init__(self, output: str, cause: BaseException | None = None) -> None:
         super().__init__(output)
@@ -89,7 +89,7 @@ class StepRunner:
         self.lines: list[str] = []
 
     def run(self, step: Step) -> str:
-        """Run `step` and return its output; raise StepFailed when it fails."""
+        """Run `step` and return its output, or raise StepFailed."""
         try:
             if isinstance(step, SendFile):
                 return self._send_file(step)
@@ -154,7 +154,10 @@ class StepRunner:
         return self.output()
 
     def _execute(self, command: str | list[str], stdin: bytes | None = None) -> tuple[int, str]:
-        """Run `command` in the chosen mode; return its exit code and its stdout (with the log)."""
+        """Run `command` in the chosen mode and return its exit code and stdout.
+
+        In the background mode the returned stdout is the whole process log, stderr included.
+        """
         if self.background and stdin is None:
             process = self.transport.start_process(command, env=self.env, cwd=self.working_dir)
             logger.debug("Task %r step runs as process %d on host %s", self.task.name, process.pid,
@@ -238,7 +241,7 @@ def _load_remote_exception(outcome: dict[str, Any]) -> BaseException | None:
     try:
         error = pickle.loads(pickled)
     except Exception:
-        # The exception class may not exist on the manager; the traceback text remains.
+        # The exception class may not exist on the manager, but the traceback text remains.
         logger.debug("A remote exception could not be unpickled", exc_info=True)
         return None
     return error if isinstance(error, BaseException) else None
