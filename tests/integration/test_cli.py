@@ -38,10 +38,12 @@ STOP_TIMEOUT = 60.0
 class CliProcess:
     """A running `lazycluster` subprocess whose stdout and stderr lines are read as they come."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], ignore_sigint: bool = False) -> None:
+        # A shell starts background jobs with SIGINT ignored; `ignore_sigint` starts the process so.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lazycluster.cli", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
         )
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
         self.stdout: list[str] = []
@@ -135,10 +137,13 @@ def dask_run(ssh_hosts: Any) -> Iterator[list[CliProcess]]:
     assert_nothing_left(ssh_hosts)
 
 
-def start_dask(ssh_hosts: Any, runs: list[CliProcess], *extra: str) -> CliProcess:
+def start_dask(
+    ssh_hosts: Any, runs: list[CliProcess], *extra: str, config: Path | None = None, ignore_sigint: bool = False
+) -> CliProcess:
     run = CliProcess(
         ["dask", "--port", str(SCHEDULER_PORT), "--ports", WORKER_PORTS, *extra],
-        env=cli_env(ssh_hosts.ssh_config_path),
+        env=cli_env(config or ssh_hosts.ssh_config_path),
+        ignore_sigint=ignore_sigint,
     )
     runs.append(run)
     return run
@@ -305,4 +310,44 @@ def test_dask_sigint_during_start(ssh_hosts: Any, dask_run: list[CliProcess], pr
 
     assert exit_code == 0, run.stderr
     assert "Scheduler:" not in "\n".join(run.stdout)
+    assert "Traceback" not in "\n".join(run.stderr)
+
+
+def test_dask_sigint_when_started_ignored(ssh_hosts: Any, dask_run: list[CliProcess]) -> None:
+    run = start_dask(ssh_hosts, dask_run, ignore_sigint=True)
+
+    run.wait_for_line("stdout", "Scheduler:", START_TIMEOUT)
+
+    assert run.stop(signal.SIGINT, STOP_TIMEOUT) == 0
+    assert "Cluster stopped." in run.stderr[-1]
+
+
+def test_dask_inactive_host_fails(ssh_hosts: Any, dask_run: list[CliProcess], tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(
+        ssh_hosts.ssh_config_path.read_text() + "\nHost deadruntime\n    HostName 127.0.0.1\n    Port 1\n"
+    )
+    run = start_dask(ssh_hosts, dask_run, "--hosts", f"{ssh_hosts.aliases[0]},deadruntime", config=config)
+
+    exit_code = run.wait(START_TIMEOUT)
+
+    assert exit_code == 1
+    assert any("Host deadruntime is inactive" in line for line in run.stderr)
+    assert "deadruntime given in --hosts is inactive" in run.stderr[-1]
+    assert "Traceback" not in "\n".join(run.stderr)
+    assert run.stdout == []
+
+
+def test_dask_scheduler_death_fails(ssh_hosts: Any, dask_run: list[CliProcess]) -> None:
+    run = start_dask(ssh_hosts, dask_run)
+    run.wait_for_line("stdout", "Scheduler:", START_TIMEOUT)
+    schedulers = scheduler_processes(SCHEDULER_PORT)
+    assert len(schedulers) == 1
+
+    # The scheduler is a process this test started, through the CLI.
+    schedulers[0].kill()
+    exit_code = run.wait(STOP_TIMEOUT)
+
+    assert exit_code == 1
+    assert any("scheduler exited" in line for line in run.stderr), run.stderr
     assert "Traceback" not in "\n".join(run.stderr)
