@@ -215,6 +215,23 @@ def test_close_removes_group_containers(make_ssh_hosts) -> None:
     assert run_labelled(label) == []
 
 
+def test_ssh_backend_fixture_reaches_hosts(ssh_hosts: HostGroup, ssh_backend) -> None:
+    from lazycluster.transport import get_backend
+
+    assert get_backend() is ssh_backend
+    assert os.environ["LAZYCLUSTER_SSH_CONFIG"] == str(ssh_hosts.ssh_config_path)
+    assert sorted(ssh_backend.configured_hosts()) == sorted(ssh_hosts.aliases)
+
+    for alias in ssh_hosts.aliases:
+        transport = ssh_backend.connect(alias)
+        try:
+            result = transport.run(VERSION_COMMAND, timeout=60)
+        finally:
+            transport.close()
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout.strip() == importlib.metadata.version("distributed")
+
+
 # Fault injection on the shared hosts (each test undoes its fault).
 
 
@@ -317,13 +334,20 @@ def test_slow_start_delays_matching_command(ssh_hosts: HostGroup) -> None:
     assert cleared < 1.5
 
 
-def test_slow_start_of_dask_worker_module(ssh_hosts: HostGroup) -> None:
+@pytest.mark.parametrize(
+    ("pattern", "command"),
+    [
+        ("*distributed.cli.dask_worker*", "python3 -m distributed.cli.dask_worker --version"),
+        ("dask *", "dask --version"),
+    ],
+)
+def test_slow_start_of_dask_commands(ssh_hosts: HostGroup, pattern: str, command: str) -> None:
     host = ssh_hosts[0]
     client = login(ssh_hosts, host.alias)
-    host.set_slow_start("*distributed.cli.dask_worker*", 3)
+    host.set_slow_start(pattern, 3)
     try:
         started = time.monotonic()
-        exit_code, _out, err = run(client, "python3 -m distributed.cli.dask_worker --version")
+        exit_code, _out, err = run(client, command)
         elapsed = time.monotonic() - started
     finally:
         host.clear_slow_start()
