@@ -308,7 +308,7 @@ def test_kill_process_rejects_bad_input(ssh_hosts: HostGroup, pid: int, signal_n
 def test_slow_start_delays_matching_command(ssh_hosts: HostGroup) -> None:
     host = ssh_hosts[1]
     client = login(ssh_hosts, host.alias)
-    host.set_slow_start("python3 -c *slow-marker*", 2)
+    host.set_slow_start("python3 -c *slow-marker*", 3)
     try:
         started = time.monotonic()
         exit_code, out, _err = run(client, "python3 -c 'print(\"slow-marker\")'")
@@ -329,9 +329,10 @@ def test_slow_start_delays_matching_command(ssh_hosts: HostGroup) -> None:
 
     assert exit_code == 0
     assert out.strip() == "slow-marker"
-    assert slow >= 2.0
-    assert other < 1.5
-    assert cleared < 1.5
+    # Margins leave room for a loaded machine: a plain python3 over SSH takes well under a second.
+    assert slow >= 3.0
+    assert other < 2.5
+    assert cleared < 2.5
 
 
 @pytest.mark.parametrize(
