@@ -40,6 +40,7 @@ from lazycluster.cluster.runtime_cluster import (
     MasterWorkerCluster,
     WorkerLauncher,
     WorkerProcess,
+    check_worker_count,
 )
 from lazycluster.cluster.versions import check_distributed_versions
 from lazycluster.exceptions import LazyclusterError
@@ -213,8 +214,7 @@ class RoundRobinLauncher(WorkerLauncher):
         Raises NoPortsLeftError, before starting anything, when too few ports
         are free. Returns the list after the last port used.
         """
-        if isinstance(worker_count, bool) or not isinstance(worker_count, int) or worker_count < 1:
-            raise ValueError(f"Invalid worker_count {worker_count!r}: expected an int of at least 1.")
+        check_worker_count(worker_count)
         master_port = validate_port(master_port, "master_port")
         candidates = validate_port_list(ports)
         runtimes = list(self._group.runtimes)

@@ -44,6 +44,13 @@ class WorkerProcess:
     process: ProcessHandle
 
 
+def check_worker_count(count: object) -> int:
+    """Return `count` when it is an int of at least 1; raise ValueError otherwise."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"Invalid worker count {count!r}: expected an int of at least 1.")
+    return count
+
+
 def print_process_log(title: str, process: ProcessHandle | None) -> None:
     """Print the log of a process under a header line."""
     print(f"----- {title} -----")
@@ -302,6 +309,13 @@ class MasterWorkerCluster(RuntimeCluster):
         A failed or interrupted start, Ctrl-C included, stops everything it
         started before the error propagates.
         """
+        if worker_count is not None:
+            check_worker_count(worker_count)
+        if self.master_port is not None:
+            raise LazyclusterError(
+                f"The cluster is already started (master port {self.master_port}). "
+                "Call cleanup() before starting it again."
+            )
         clock = self._master_launcher.manager.clock
         started_at = clock.monotonic()
         self._register_atexit()
@@ -347,8 +361,7 @@ class MasterWorkerCluster(RuntimeCluster):
             raise LazyclusterError("The master is not running. Call start_master() before start_workers().")
         if count is None:
             count = self._group.runtime_count
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"Invalid worker count {count!r}: expected an int of at least 1.")
+        check_worker_count(count)
 
         self._register_atexit()
         self._ports = self._worker_launcher.start(count, self.master_port, self._ports)

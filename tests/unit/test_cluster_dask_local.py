@@ -9,9 +9,11 @@ tested on the Docker hosts.
 
 from __future__ import annotations
 
+import _thread
 import os
 import socket
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -233,30 +235,34 @@ def test_master_timeout_raises_master_start_error(
     assert_nothing_left(backend)
 
 
+def broken_distributed(directory: Path, body: str) -> str:
+    """Create a `distributed` package that runs `body` on import; return the PYTHONPATH entry."""
+    package = directory / "distributed"
+    package.mkdir()
+    (package / "__init__.py").write_text(body)
+    return str(directory)
+
+
 def test_master_that_exits_raises_with_exit_code(
-    backend: HostsBackend, group: RuntimeGroup, monkeypatch: pytest.MonkeyPatch
+    backend: HostsBackend, group: RuntimeGroup, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # An unknown dashboard module makes the scheduler exit right after start.
-    monkeypatch.setattr(
-        "lazycluster.cluster.dask_cluster.scheduler_command",
-        lambda port, dashboard: [sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", str(port), "--bogus"],
-    )
+    # Processes on the manager inherit its environment, so the scheduler imports the broken package.
+    monkeypatch.setenv("PYTHONPATH", broken_distributed(tmp_path, "raise SystemExit(7)\n"))
     cluster = DaskCluster(group, ports=PORTS)
 
-    with pytest.raises(MasterStartError, match="exited with code 2") as raised:
+    with pytest.raises(MasterStartError, match="exited with code 7") as raised:
         cluster.start(master_port=MASTER_PORT)
 
-    assert "--bogus" in str(raised.value)
+    assert raised.value.host == "localhost"
+    assert raised.value.port == MASTER_PORT
     assert_nothing_left(backend)
 
 
 def test_worker_that_exits_fails_fast(
     backend: HostsBackend, group: RuntimeGroup, tmp_path: Path
 ) -> None:
-    broken = tmp_path / "distributed"
-    broken.mkdir()
-    (broken / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
-    group.get_runtime("host-1").add_env_variables({"PYTHONPATH": str(tmp_path)})
+    python_path = broken_distributed(tmp_path, "raise ImportError('broken on purpose')\n")
+    group.get_runtime("host-1").add_env_variables({"PYTHONPATH": python_path})
     cluster = DaskCluster(group, ports=PORTS)
 
     with pytest.raises(WorkerStartError, match="exited with code 1") as raised:
@@ -343,21 +349,35 @@ def test_launcher_timeout_must_be_positive(group: RuntimeGroup) -> None:
 
 
 def test_round_robin_rejects_bad_count(group: RuntimeGroup) -> None:
-    with pytest.raises(ValueError, match="worker_count 0"):
+    with pytest.raises(ValueError, match="worker count 0"):
         RoundRobinLauncher(group).start(0, MASTER_PORT, PORTS)
 
 
 def test_interrupted_start_cleans_up(
-    backend: HostsBackend, group: RuntimeGroup, monkeypatch: pytest.MonkeyPatch
+    backend: HostsBackend, group: RuntimeGroup, tmp_path: Path
 ) -> None:
-    def interrupt(*args: object, **kwargs: object) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("lazycluster.cluster.dask_cluster.wait_for_registration", interrupt)
+    # The worker of host-1 hangs on import, so start() waits for its registration
+    # until the timer delivers a KeyboardInterrupt as Ctrl-C would.
+    python_path = broken_distributed(tmp_path, "import time\ntime.sleep(600)\n")
+    group.get_runtime("host-1").add_env_variables({"PYTHONPATH": python_path})
     cluster = DaskCluster(group, ports=PORTS)
+    timer = threading.Timer(3.0, _thread.interrupt_main)
 
-    with pytest.raises(KeyboardInterrupt):
-        cluster.start(worker_count=2, master_port=MASTER_PORT)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cluster.start(worker_count=2, master_port=MASTER_PORT)
+    finally:
+        timer.cancel()
 
     assert cluster.master_port is None
     assert_nothing_left(backend)
+
+
+def test_start_twice_keeps_running_cluster(backend: HostsBackend, group: RuntimeGroup) -> None:
+    with DaskCluster(group, ports=PORTS) as cluster:
+        with pytest.raises(LazyclusterError, match="already started"):
+            cluster.start()
+
+        assert cluster.master_port is not None
+        assert len(cluster.get_client().scheduler_info(n_workers=-1)["workers"]) == 2
