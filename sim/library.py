@@ -84,7 +84,13 @@ def host_environment(env: dict[str, str]) -> Iterator[None]:
 def run_function(call: Call) -> int:
     """Run a cloudpickled (function, kwargs) from stdin in-process, like the real runner."""
     try:
-        function, kwargs = cloudpickle.loads(call.stdin)
+        payload = call.stdin
+        if len(call.argv) > 3:
+            # `python3 -c SNIPPET PATH`: the payload is in a file the runner deletes after reading.
+            path = call.resolve(call.argv[3])
+            payload = call.host.fs.read(path)
+            call.host.fs.remove(path)
+        function, kwargs = cloudpickle.loads(payload)
     except Exception:
         call.write_error("Failed to load the function sent by the manager with cloudpickle.")
         call.write_error(traceback.format_exc())
