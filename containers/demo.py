@@ -1,10 +1,10 @@
 """The main job: a Dask cluster over SSH hosts in Docker, a checked computation, a clean stop.
 
 Run with `nox -s demo` or `python -m containers.demo [--hosts 3] [--workers 6]`.
-It starts SSH hosts in Docker on 127.0.0.1, builds a RuntimeGroup with
-RuntimeManager from the generated SSH config, starts a DaskCluster, runs a
-dask.array reduction and a word count whose results it checks against values
-computed here, prints where each worker runs and how long each phase took,
+It starts SSH hosts in Docker on 127.0.0.1 and builds a RuntimeGroup with
+RuntimeManager from the generated SSH config. On a DaskCluster it runs a
+dask.array reduction and a word count, and checks both results against values
+computed here. It prints where each worker runs and how long each phase took,
 and removes everything again, also after Ctrl-C. The exit code is 0 only when
 every check passed.
 """
@@ -104,7 +104,7 @@ def check_word_count(client: Any) -> str:
 
 
 def print_placement(cluster: Any, client: Any) -> None:
-    """Print each worker's host, address and threads as the scheduler sees them."""
+    """Print each worker's host, address and threads as the scheduler lists them."""
     registered = client.scheduler_info(n_workers=-1)["workers"]
     print(f"\nScheduler {cluster.scheduler_address} on this machine; dashboard {cluster.dashboard_link}")
     for worker in sorted(cluster._worker_launcher.workers, key=lambda worker: worker.index):

@@ -87,8 +87,8 @@ class LocalMasterLauncher(MasterLauncher):
         """The dashboard's port on the manager, or None without a dashboard."""
         return self._dashboard_port
 
-    # The signature has no `debug` argument because the reference documentation of
-    # lazycluster.cluster.dask_cluster fixes it so; MasterWorkerCluster never passes it.
+    # The documented public signature has no `debug` argument, and
+    # MasterWorkerCluster never passes one.
     def start(self, ports: list[int] | int, timeout: int = 3) -> list[int]:  # type: ignore[override]
         """Start the scheduler on the first free port of `ports` and forward it to every runtime.
 
@@ -151,9 +151,9 @@ class LocalMasterLauncher(MasterLauncher):
         def listening_or_exited() -> bool:
             return not process.is_alive or port in manager.ports_in_use([port])
 
-        # NOTE: another program that takes the port between the port check and the
-        # scheduler's bind passes this check; the scheduler then exits and the
-        # workers fail to register.
+        # NOTE: a program that takes the port between the port check and the
+        # scheduler's bind also passes this check. The scheduler then exits, and
+        # the workers fail to register.
         manager.clock.wait_until(listening_or_exited, timeout)
 
         code = process.poll()
@@ -203,8 +203,8 @@ class RoundRobinLauncher(WorkerLauncher):
         self._versions_checked = False
         self._start_lock = threading.Lock()
 
-    # The signature has no `debug` argument because the reference documentation of
-    # lazycluster.cluster.dask_cluster fixes it so; MasterWorkerCluster never passes it.
+    # The documented public signature has no `debug` argument, and
+    # MasterWorkerCluster never passes one.
     def start(  # type: ignore[override]
         self, worker_count: int, master_port: int, ports: list[int]
     ) -> list[int]:
@@ -294,10 +294,9 @@ class RoundRobinLauncher(WorkerLauncher):
 class DaskCluster(MasterWorkerCluster):
     """A Dask cluster in a `RuntimeGroup`, with the scheduler on the manager.
 
-    The worker count defaults to the number of runtimes; `RoundRobinLauncher`
-    spreads the workers evenly unless another `WorkerLauncher` is given, and
-    `LocalMasterLauncher` starts the scheduler unless another `MasterLauncher`
-    is given. `start()` returns once every worker has registered with the
+    The worker count defaults to the number of runtimes. Unless other
+    launchers are given, `RoundRobinLauncher` spreads the workers evenly and
+    `LocalMasterLauncher` starts the scheduler. `start()` returns once every worker has registered with the
     scheduler. Used in a with-block, the cluster starts on entry (unless it
     runs already) and is cleaned up on exit.
     """

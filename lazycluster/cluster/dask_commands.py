@@ -78,7 +78,7 @@ def worker_command(
         name,
         "--no-dashboard",
         # distributed 2026.8 serves /health and /metrics even without a dashboard,
-        # on all interfaces unless this address says otherwise.
+        # on all interfaces unless this address sets another one.
         "--dashboard-address",
         f"{LOOPBACK}:0",
         "--death-timeout",

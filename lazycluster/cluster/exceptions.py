@@ -17,7 +17,7 @@ LOG_TAIL_LINES = 20
 
 
 class MasterStartError(LazyclusterError):
-    """The master instance did not start on `host` at `port`; `cause` says why."""
+    """The master instance did not start on `host` at `port`, for the reason in `cause`."""
 
     def __init__(
         self,

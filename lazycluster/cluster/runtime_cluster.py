@@ -116,7 +116,7 @@ class MasterLauncher(ABC):
         close_tunnels(tunnels, clock)
 
         if self._process is not None:
-            stop_processes([self._process], clock, what="master")
+            stop_processes([self._process], clock, role="master")
         self._port = None
 
 
@@ -207,7 +207,7 @@ class WorkerLauncher(ABC):
         if not workers and not tunnels:
             return
         clock = self.manager.clock
-        stop_processes([worker.process for worker in workers], clock, what="worker")
+        stop_processes([worker.process for worker in workers], clock, role="worker")
         close_tunnels(tunnels, clock)
 
         with self._lock:

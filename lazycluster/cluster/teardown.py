@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 STOP_GRACE = 3.0
 
 
-def stop_processes(handles: Sequence[ProcessHandle], clock: Clock, what: str = "process") -> None:
+def stop_processes(handles: Sequence[ProcessHandle], clock: Clock, role: str = "process") -> None:
     """Stop every process that still runs, all in parallel."""
 
     def stop(handle: ProcessHandle) -> None:
@@ -29,10 +29,10 @@ def stop_processes(handles: Sequence[ProcessHandle], clock: Clock, what: str = "
             if handle.poll() is not None:
                 return
             code = handle.stop(grace=STOP_GRACE)
-            logger.info("Stopped %s on host %s (pid %d, exit code %s)", what, handle.host, handle.pid, code)
+            logger.info("Stopped %s on host %s (pid %d, exit code %s)", role, handle.host, handle.pid, code)
         except Exception as error:  # cleanup goes on with the other processes
             logger.warning(
-                "Failed to stop %s on host %s (pid %d): %s", what, handle.host, handle.pid, error
+                "Failed to stop %s on host %s (pid %d): %s", role, handle.host, handle.pid, error
             )
 
     clock.map(stop, list(handles))

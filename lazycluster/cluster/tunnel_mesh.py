@@ -1,4 +1,4 @@
-"""Which tunnels each host needs so that every worker port works on every machine.
+"""The tunnels each host needs so that every worker port works on every machine.
 
 A worker listens on 127.0.0.1:p of its host. The manager reaches it through a
 local forward (manager p -> host p), and every other remote host through a

@@ -2,9 +2,9 @@
 
 Every host is a LocalTransport under its own name that counts as remote, so
 the version probe, the worker argv with `python3` and the tunnel calls take
-the same paths as over SSH. Because all hosts share this machine's ports, a
-forward from a port to the same port is a no-op here; the real tunnels are
-tested on the Docker hosts.
+the same paths as over SSH. All hosts share this machine's ports, so a forward
+from a port to the same port does nothing here. The Docker integration tests
+cover the real tunnels.
 """
 
 from __future__ import annotations

@@ -120,14 +120,21 @@ def test_plan_worker_tunnels_full_mesh() -> None:
     assert sorted(plan["c"].remote_pairs) == [(1, 1), (2, 2), (3, 3)]
 
 
-def test_plan_worker_tunnels_skips_open_forwards_and_local_hosts() -> None:
+def test_plan_skips_open_forwards() -> None:
     already_open = {("a", "local", 1), ("b", "remote", 1)}
 
-    plan = plan_worker_tunnels({"a": [1], "manager": [5]}, ["a", "b"], already_open)
+    plan = plan_worker_tunnels({"a": [1, 2]}, ["a", "b"], already_open)
 
-    assert plan["a"].local_pairs == []
+    assert plan["a"].local_pairs == [(2, 2)]
+    assert plan["b"].remote_pairs == [(2, 2)]
+
+
+def test_plan_manager_workers_need_no_local_forward() -> None:
+    plan = plan_worker_tunnels({"a": [1], "manager": [5]}, ["a", "b"])
+
+    assert plan["a"].local_pairs == [(1, 1)]
     assert plan["a"].remote_pairs == [(5, 5)]
-    assert plan["b"].remote_pairs == [(5, 5)]
+    assert sorted(plan["b"].remote_pairs) == [(1, 1), (5, 5)]
     assert "manager" not in plan
 
 
