@@ -58,7 +58,7 @@ def _interrupts_deferred() -> Iterator[None]:
         received.append(signum)
         if len(received) >= 2:
             raise KeyboardInterrupt(signal.Signals(signum).name)
-        progress("Still stopping the cluster; press Ctrl-C again to abort and leave processes behind.")
+        progress("Still stopping the cluster. Press Ctrl-C again to abort and leave processes behind.")
 
     previous_int = signal.signal(signal.SIGINT, on_signal)
     previous_term = signal.signal(signal.SIGTERM, on_signal)
@@ -105,7 +105,10 @@ def _start(cluster: Any, args: argparse.Namespace) -> None:
 
 
 def _wait_until_stopped(launcher: Any) -> None:
-    """Block until Ctrl-C or SIGTERM (KeyboardInterrupt); raise if the scheduler exits first."""
+    """Block until Ctrl-C or SIGTERM raises KeyboardInterrupt.
+
+    Raises SchedulerExitedError when the scheduler process exits first.
+    """
     clock = get_backend().clock
     while True:
         clock.sleep(WATCH_INTERVAL)
@@ -138,9 +141,11 @@ def run_dask(args: argparse.Namespace) -> int:
 
             print(f"Scheduler: {cluster.scheduler_address}", flush=True)
             print(f"Dashboard: {cluster.dashboard_link or 'not available (install bokeh)'}", flush=True)
+            logger.info("Cluster up on hosts %s at %s", ", ".join(group.hosts), cluster.scheduler_address)
             progress("Cluster is up. Press Ctrl-C to stop it.")
             _wait_until_stopped(launcher)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
+            logger.info("Interrupted by %s, stopping the cluster", str(interrupt) or "SIGINT")
             progress("Stopping the cluster...")
         finally:
             with _interrupts_deferred():

@@ -19,14 +19,14 @@ _KEYWORDS_FROM_ARGUMENTS = {
 
 
 def _check_option_conflicts(args: argparse.Namespace) -> None:
-    given = {
+    set_by_arguments = {
         "hostname": True,
         "user": args.target.user is not None,
         "port": args.target.port is not None,
         "identityfile": args.id_file is not None,
     }
     for key, _ in args.options:
-        if given.get(key.lower()):
+        if set_by_arguments.get(key.lower()):
             raise ValueError(
                 f"Option -o {key} conflicts with {_KEYWORDS_FROM_ARGUMENTS[key.lower()]}; "
                 "give the value only once."

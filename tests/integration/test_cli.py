@@ -22,13 +22,15 @@ from typing import IO, Any
 import psutil
 import pytest
 
+from lazycluster.host_commands import TEMP_DIR_PREFIX
+
 # Ports of these tests: below the ephemeral range and apart from the ports of
 # the other integration tests, so leftovers of one test do not hide in another.
 SCHEDULER_PORT = 29600
 WORKER_PORTS = "29610-29649"
 
-# The temporary directories the library creates on hosts (host_commands.TEMP_DIR_PREFIX).
-TEMP_PATTERN = "lazycluster-*"
+# The temporary directories the library creates on hosts.
+TEMP_PATTERN = TEMP_DIR_PREFIX + "*"
 
 # Seconds a `lazycluster dask` run may take to print its scheduler line, and to exit after a signal.
 START_TIMEOUT = 120.0
