@@ -1,0 +1,195 @@
+"""DaskCluster invariants on the simulator: placement, ports, batching, timeouts, cleanup.
+
+The simulator runs the library's own commands on virtual hosts with a virtual
+clock, so these tests try many host counts, worker counts and taken ports in
+seconds, and they time the timeouts exactly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sim
+from lazycluster.cluster import MasterStartError, WorkerStartError
+from lazycluster.cluster.dask_cluster import DaskCluster
+from lazycluster.exceptions import NoPortsLeftError, PortInUseError, VersionMismatchError
+from lazycluster.group import RuntimeGroup
+from lazycluster.transport import use_backend
+
+PORTS = list(range(41000, 41030))
+
+# Virtual seconds a failed start may take beyond its timeout: one poll interval
+# of Clock.wait_until (at most 0.5 s) plus the stop of the started processes.
+TIMEOUT_MARGIN = 6.0
+
+
+@contextmanager
+def simulated_group(network: sim.Network) -> Iterator[RuntimeGroup]:
+    """Yield a group of every simulated host; afterwards the network must be clean."""
+    with use_backend(network):
+        group = RuntimeGroup(hosts=list(network.hosts))
+        try:
+            yield group
+        finally:
+            group.cleanup()
+    network.assert_clean()
+
+
+def worker_ports_listening(network: sim.Network, host: str) -> list[int]:
+    """Return the ports on `host` held by simulated Dask worker processes."""
+    return sorted(
+        port
+        for port, holder in network.listening_ports(host).items()
+        if isinstance(holder, sim.SimProcess) and "distributed.cli.dask_worker" in holder.argv
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    host_count=st.integers(min_value=1, max_value=5),
+    worker_count=st.integers(min_value=1, max_value=12),
+    taken=st.lists(st.tuples(st.integers(0, 5), st.sampled_from(PORTS)), max_size=12),
+    seed=st.integers(min_value=0, max_value=1000),
+)
+def test_start_invariants(
+    host_count: int, worker_count: int, taken: list[tuple[int, int]], seed: int
+) -> None:
+    network = sim.Network(host_count, seed=seed)
+    host_names = [network.manager.name, *network.hosts]
+    held: dict[int, str] = {}
+    for index, port in taken:
+        name = host_names[index % len(host_names)]
+        if port not in held:
+            network.hold_port(name, port)
+            held[port] = name
+    free = [port for port in PORTS if port not in held]
+    master_port = 40999
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS)
+        if len(free) < worker_count:
+            with pytest.raises(NoPortsLeftError):
+                cluster.start(worker_count=worker_count, master_port=master_port)
+            assert network.processes() == []
+            return
+
+        cluster.start(worker_count=worker_count, master_port=master_port)
+        workers = cluster._worker_launcher.workers
+        runtimes = group.runtimes
+        chosen = [worker.port for worker in sorted(workers, key=lambda worker: worker.index)]
+
+        assert chosen == free[:worker_count]
+        assert master_port not in chosen
+        assert cluster.ports == PORTS[PORTS.index(chosen[-1]) + 1 :]
+        for worker in workers:
+            assert worker.host == runtimes[worker.index % len(runtimes)].host
+        counts = Counter(worker.host for worker in workers)
+        assert max(counts.values()) - min(counts.values()) <= 1
+        for host, ports in cluster._worker_launcher.ports_per_host.items():
+            assert worker_ports_listening(network, host) == sorted(ports)
+
+        cluster.cleanup()
+        assert cluster.master_port is None
+
+
+def test_tunnels_are_batched_per_host() -> None:
+    network = sim.Network(4, seed=1)
+
+    with simulated_group(network) as group:
+        with DaskCluster(group, ports=PORTS) as cluster:
+            cluster.start_workers(20)
+
+            for host in network.hosts:
+                kinds = Counter(
+                    event.kind for event in network.trace if event.host == host and event.kind.startswith("forward_")
+                )
+                # One remote batch for the scheduler and one per start_workers call.
+                assert kinds["forward_remote"] == 3
+                assert kinds["forward_local"] == 2
+            workers = len(cluster._worker_launcher.workers)
+            assert workers == 24
+            assert len(network.open_tunnels()) == 4 + workers + workers * 3
+
+
+def test_single_port_taken_on_host_raises() -> None:
+    network = sim.Network(3, seed=2)
+    network.hold_port("h3", 8786)
+
+    with simulated_group(network) as group:
+        with pytest.raises(PortInUseError, match="'h3'"):
+            DaskCluster(group).start(master_port=8786)
+
+
+def test_default_master_port_taken_uses_list() -> None:
+    network = sim.Network(2, seed=3)
+    network.hold_port("h2", DaskCluster.DEFAULT_MASTER_PORT)
+
+    with simulated_group(network) as group:
+        with DaskCluster(group, ports=PORTS) as cluster:
+            assert cluster.master_port == PORTS[0]
+            assert sorted(p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports) == PORTS[1:3]
+
+
+def test_master_timeout_is_bounded() -> None:
+    network = sim.Network(2, seed=4)
+    network.set_start_delay("scheduler", 100.0)
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS)
+        cluster.master_start_timeout = 5.0
+        started = network.clock.monotonic()
+
+        with pytest.raises(MasterStartError, match="did not listen within 5 s"):
+            cluster.start()
+
+        elapsed = network.clock.monotonic() - started
+        assert 5.0 <= elapsed <= 5.0 + TIMEOUT_MARGIN
+
+
+def test_worker_timeout_names_slow_host() -> None:
+    network = sim.Network(3, seed=5)
+    network.set_start_delay("worker", 500.0, host="h2")
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS)
+        cluster.worker_start_timeout = 20.0
+        started = network.clock.monotonic()
+
+        with pytest.raises(WorkerStartError) as raised:
+            cluster.start()
+
+        elapsed = network.clock.monotonic() - started
+        assert raised.value.hosts == ["h2"]
+        assert raised.value.ports == [PORTS[1]]
+        assert elapsed <= 20.0 + TIMEOUT_MARGIN + 5.0  # plus the scheduler start
+
+
+def test_version_mismatch_stops_scheduler() -> None:
+    network = sim.Network(3, seed=6)
+    network.host("h2").distributed_version = "2024.1.0"
+
+    with simulated_group(network) as group:
+        with pytest.raises(VersionMismatchError, match="'h2' has version 2024.1.0") as raised:
+            DaskCluster(group, ports=PORTS).start()
+
+        assert raised.value.host_version == "2024.1.0"
+        assert network.processes() == []
+
+
+def test_cleanup_twice_leaves_network_clean() -> None:
+    network = sim.Network(3, seed=7)
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS)
+        cluster.start(worker_count=7)
+        cluster.cleanup()
+        cluster.cleanup()
+
+        assert network.processes() == []
+        assert network.open_tunnels() == []
