@@ -42,7 +42,7 @@ def simulated_group(network: sim.Network) -> Iterator[RuntimeGroup]:
 
 
 def worker_ports_listening(network: sim.Network, host: str) -> list[int]:
-    """Return the ports on `host` held by simulated Dask worker processes."""
+    """Return the ports on `host` taken_ports by simulated Dask worker processes."""
     return sorted(
         port
         for port, holder in network.listening_ports(host).items()
@@ -62,13 +62,13 @@ def test_start_invariants(
 ) -> None:
     network = sim.Network(host_count, seed=seed)
     host_names = [network.manager.name, *network.hosts]
-    held: dict[int, str] = {}
+    taken_ports: dict[int, str] = {}
     for index, port in taken:
         name = host_names[index % len(host_names)]
-        if port not in held:
+        if port not in taken_ports:
             network.hold_port(name, port)
-            held[port] = name
-    free = [port for port in PORTS if port not in held]
+            taken_ports[port] = name
+    free = [port for port in PORTS if port not in taken_ports]
     master_port = 40999
 
     with simulated_group(network) as group:
