@@ -68,6 +68,14 @@ MAX_PARALLEL_CONNECTS = 8
 TUNNEL_WINDOW_SIZE = 16 * 1024 * 1024
 TUNNEL_MAX_PACKET_SIZE = 256 * 1024
 
+# Exec and SFTP channels open at once per connection. sshd's MaxSessions
+# (default 10) rejects more, so further callers wait for a free one.
+MAX_PARALLEL_SESSIONS = 8
+
+# Seconds after which a command that the transport runs for itself (process
+# control, port tables, cleanup) fails, so a hung host cannot block close().
+CONTROL_TIMEOUT = 60.0
+
 # TCP states in /proc/net/tcp that hold a port: all but TIME_WAIT (06), whose
 # port a server with SO_REUSEADDR can bind again.
 _TIME_WAIT = "06"
@@ -164,6 +172,7 @@ class SSHTransport(Transport):
         self._connection_kwargs = dict(connection_kwargs or {})
         self._lock = threading.RLock()
         self._forward_lock = threading.Lock()
+        self._sessions = threading.BoundedSemaphore(MAX_PARALLEL_SESSIONS)
         self._processes: list[SSHProcess] = []
         self._local_tunnels: list[ListeningTunnel] = []
         self._remote_tunnels: dict[int, RemoteTunnel] = {}
@@ -246,18 +255,26 @@ class SSHTransport(Transport):
         for attempt in (1, 2):
             transport = self._transport()
             try:
-                outcome = execute(
-                    transport,
-                    script,
-                    stdin=stdin,
-                    on_output=on_output,
-                    deadline=deadline,
-                    clock=self.clock,
-                )
+                with self._sessions:
+                    outcome = execute(
+                        transport,
+                        script,
+                        stdin=stdin,
+                        on_output=on_output,
+                        deadline=deadline,
+                        clock=self.clock,
+                    )
                 break
             except ChannelNotOpened as error:
+                if transport.is_active():
+                    raise TransportError(
+                        self.host,
+                        f"Host {self.host!r} rejected a channel for {text!r}: {error}. Check "
+                        "sshd's MaxSessions there.",
+                        error,
+                    ) from error
                 # Nothing reached the host yet, so a new connection may try again.
-                if attempt == 2 or transport.is_active():
+                if attempt == 2:
                     raise self._lost(f"running {text!r}", error) from error
             except ChannelLost as error:
                 if attempt == 2 or not repeatable:
@@ -276,7 +293,7 @@ class SSHTransport(Transport):
         )
 
     def _run_script(self, script: str) -> CommandResult:
-        return self._execute(script, script)
+        return self._execute(script, script, timeout=CONTROL_TIMEOUT)
 
     def start_process(
         self,
@@ -318,11 +335,21 @@ class SSHTransport(Transport):
 
     def _with_sftp(self, action: str, function: Callable[[paramiko.SFTPClient], T]) -> T:
         transport = self._transport()
-        try:
-            sftp = paramiko.SFTPClient.from_transport(transport)
-        except _NETWORK_ERRORS as error:
-            raise self._lost(action, error) from error
-        assert sftp is not None
+        with self._sessions:
+            try:
+                sftp = paramiko.SFTPClient.from_transport(transport)
+            except _NETWORK_ERRORS as error:
+                raise self._lost(action, error) from error
+            assert sftp is not None
+            return self._call_sftp(action, transport, sftp, function)
+
+    def _call_sftp(
+        self,
+        action: str,
+        transport: paramiko.Transport,
+        sftp: paramiko.SFTPClient,
+        function: Callable[[paramiko.SFTPClient], T],
+    ) -> T:
         try:
             return function(sftp)
         except FileNotFoundError as error:
@@ -557,7 +584,7 @@ class SSHTransport(Transport):
             tunnel.close()
         try:
             self._run_script(f"rm -rf -- {shlex.quote(self._state_dir)}")
-        except TransportError as error:
+        except (TransportError, CommandTimeoutError) as error:
             logger.warning("Failed to remove %s on host %s: %s", self._state_dir, self.host, error)
 
         with self._lock:
@@ -568,7 +595,7 @@ class SSHTransport(Transport):
     def _stop_quietly(self, process: SSHProcess) -> None:
         try:
             process.stop()
-        except TransportError as error:
+        except (TransportError, CommandTimeoutError) as error:
             logger.warning(
                 "Failed to stop process %d on host %s: %s", process.pid, self.host, error
             )
@@ -637,3 +664,10 @@ class SSHBackend(Backend):
 
     def configured_hosts(self) -> list[str]:
         return self._config().host_aliases()
+
+    def close(self) -> None:
+        """Close the shared local transport; transports from `connect` are closed by their users."""
+        with self._local_lock:
+            local, self._local = self._local, None
+        if local is not None:
+            local.close()

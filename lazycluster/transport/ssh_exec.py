@@ -28,6 +28,9 @@ READ_SIZE = 256 * 1024
 # even when the channel never becomes readable.
 POLL_INTERVAL = 1.0
 
+# Seconds to wait for sshd to open a channel; paramiko's default is an hour.
+CHANNEL_OPEN_TIMEOUT = 30.0
+
 
 class ChannelNotOpened(Exception):
     """The exec channel could not be opened, so the command was never sent."""
@@ -93,7 +96,7 @@ def execute(
 ) -> ExecOutcome:
     """Run `script` and collect its output until EOF, or until `deadline` on `clock`."""
     try:
-        channel = transport.open_session()
+        channel = transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT)
     except (paramiko.SSHException, EOFError, OSError) as error:
         raise ChannelNotOpened(str(error)) from error
 
@@ -176,7 +179,7 @@ def kill_group(transport: paramiko.Transport, pid: int, host: str) -> None:
     """Kill the process group `pid` on the host, logging instead of raising on failure."""
     script = f"kill -s KILL -- -{pid} 2>/dev/null; kill -s KILL {pid} 2>/dev/null; true"
     try:
-        channel = transport.open_session()
+        channel = transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT)
         try:
             channel.exec_command(script)
             channel.recv_exit_status()

@@ -932,3 +932,33 @@ def test_host_stopped_mid_transfer(make_ssh_hosts, tmp_path):
         transport.run(["true"])
     transport.close()
     assert wait_for(lambda: set(lazycluster_threads()) <= threads_before), lazycluster_threads()
+
+
+def test_parallel_commands_beyond_max_sessions(transport):
+    # sshd allows 10 sessions per connection by default; 20 parallel commands must queue, not fail.
+    outputs = transport.clock.map(
+        lambda index: transport.run(["sh", "-c", f"sleep 0.3; echo {index}"]).stdout.strip(),
+        range(20),
+    )
+    assert outputs == [str(index) for index in range(20)]
+
+
+def test_connect_retries_when_sshd_drops_handshakes(make_ssh_hosts, caplog):
+    group = make_ssh_hosts(1)
+    host = group[0]
+    # With MaxStartups 1, sshd drops every connection that arrives while another
+    # one is still in its handshake, as a busy sshd does beyond its limit.
+    host.exec(["sh", "-c", "echo 'MaxStartups 1' >> /etc/ssh/sshd_config"]).check()
+    (listener,) = host_pids(host, "sshd: /usr/sbin/sshd")
+    host.exec(["kill", "-s", "HUP", str(listener)]).check()
+    assert wait_for(lambda: "of 1-" in host.exec(["ps", "-o", "args=", "-p", str(listener)]).stdout)
+
+    backend = SSHBackend(str(group.ssh_config_path))
+    with caplog.at_level(logging.INFO, logger="lazycluster.transport.ssh_connect"):
+        transports = backend.clock.map(backend.connect, [host.alias] * 6)
+    try:
+        assert all(transport.run(["true"]).ok for transport in transports)
+    finally:
+        for transport in transports:
+            transport.close()
+    assert any("retry" in record.getMessage() for record in caplog.records)
