@@ -305,6 +305,49 @@ def test_group_ports_and_tunnels(ssh_hosts: Any) -> None:
     server.socket.close()
 
 
+def test_stop_process_ends_task(alias: str, ssh_hosts: Any) -> None:
+    host = ssh_hosts.host(alias)
+    with Runtime(alias) as runtime:
+        task = runtime.execute_task(RuntimeTask("long").run_command("sleep 700").run_command("touch never"))
+        (key,) = runtime.get_processes()
+        assert runtime.transport.clock.wait_until(
+            lambda: "sleep 700" in host.exec(["ps", "-eo", "args="]).stdout, 10
+        )
+        runtime.stop_process(key)
+        with pytest.raises(TaskExecutionError):
+            task.join()
+        assert "sleep 700" not in host.exec(["ps", "-eo", "args="]).stdout
+        assert runtime.echo("$WORKING_DIR") == "$WORKING_DIR"
+        check = RuntimeTask().run_command("ls -A")
+        runtime.execute_task(check, execute_async=False)
+        assert "never" not in check.execution_log[0]
+
+
+def test_group_with_unreachable_host(ssh_hosts: Any, tmp_path: Any) -> None:
+    from lazycluster.transport import use_backend
+    from lazycluster.transport.ssh import SSHBackend
+
+    # Port 1 of the manager's loopback has no listener, so the login fails at once.
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        ssh_hosts.ssh_config_path.read_text() + "\nHost lc-broken\n    HostName 127.0.0.1\n    Port 1\n"
+    )
+    backend = SSHBackend(ssh_config_path=str(config))
+    with use_backend(backend):
+        with pytest.raises(InvalidRuntimeError, match="lc-broken"):
+            RuntimeGroup(hosts=[*ssh_hosts.aliases, "lc-broken"], working_dir="lazycluster-group-test")
+
+        manager = RuntimeManager()
+        try:
+            assert manager.hosts == ssh_hosts.aliases
+            assert manager.inactive_hosts == ["lc-broken"]
+            assert manager.inactive_host_reasons["lc-broken"]
+        finally:
+            manager.cleanup()
+    for host in ssh_hosts:
+        host.exec(["rm", "-rf", "/home/lazy/lazycluster-group-test"]).check()
+
+
 def test_runtime_manager(ssh_hosts: Any) -> None:
     manager = RuntimeManager()
     try:
