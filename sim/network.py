@@ -80,6 +80,7 @@ class Network(Backend):
         self._programs: list[ProgramMatcher] = [match_dask]
         self._connections: dict[str, list[SimTransport]] = {}
         self._local: SimTransport | None = None
+        self.tunnel_watchers: dict[SimTunnel, list[Callable[[SimTunnel], None]]] = {}
         self._next_pid = FIRST_PID
 
         if isinstance(hosts, int):

@@ -29,6 +29,7 @@ from lazycluster.transport.base import (
     command_to_shell,
     validate_port,
 )
+from lazycluster.transport.forwarding import NoOpTunnel
 from sim.commands import CommandProgram, CommandRunner, CommandTimedOut
 from sim.process import SIGKILL, SIGTERM, SimProcess
 
@@ -44,43 +45,48 @@ TEMP_PREFIX = "lazycluster"
 
 
 class SimTunnel(Tunnel):
-    """A forwarded port: `listen_host` listens on `listen_port` and connects to `target_port`
-    on `target_host`."""
+    """A forwarded port. A "local" tunnel listens on the manager and leads to the host,
+    a "remote" one listens on the host and leads to the manager.
 
-    def __init__(
-        self,
-        transport: SimTransport,
-        kind: str,
-        listen_host: SimHost,
-        listen_port: int,
-        target_host: SimHost,
-        target_port: int,
-    ) -> None:
-        self.host = transport.host
+    A tunnel is open while it holds its listen port; the few tunnels with close
+    watchers keep them in the network, so a tunnel has four fields only: a full
+    mesh has millions of them.
+    """
+
+    __slots__ = ("transport", "kind", "listen_port", "target_port")
+
+    def __init__(self, transport: SimTransport, kind: str, listen_port: int, target_port: int) -> None:
+        self.transport = transport
         self.kind = kind
         self.listen_port = listen_port
         self.target_port = target_port
-        self.listen_host = listen_host
-        self.target_host = target_host
-        self._open = True
-        self._watchers: list[Callable[[SimTunnel], None]] | None = None
+
+    @property  # type: ignore[override]
+    def host(self) -> str:
+        return self.transport.host
+
+    @property
+    def listen_host(self) -> SimHost:
+        return self.transport.network.manager if self.kind == "local" else self.transport.sim_host
+
+    @property
+    def target_host(self) -> SimHost:
+        return self.transport.sim_host if self.kind == "local" else self.transport.network.manager
 
     @property
     def is_open(self) -> bool:
-        return self._open
+        return self.listen_host.ports.get(self.listen_port) is self
 
     def watch_close(self, watcher: Callable[[SimTunnel], None]) -> None:
-        if self._watchers is None:
-            self._watchers = []
-        self._watchers.append(watcher)
+        """Call `watcher(tunnel)` once when the tunnel closes or its host loses the port."""
+        self.transport.network.tunnel_watchers.setdefault(self, []).append(watcher)
 
     def close(self) -> None:
-        if not self._open:
-            return
-        self._open = False
-        self.listen_host.release(self.listen_port, self)
-        watchers, self._watchers = self._watchers or [], None
-        for watcher in watchers:
+        ports = self.listen_host.ports
+        if ports.get(self.listen_port) is self:
+            del ports[self.listen_port]
+        watchers = self.transport.network.tunnel_watchers.pop(self, None)
+        for watcher in watchers or ():
             watcher(self)
 
 
@@ -330,7 +336,7 @@ class SimTransport(Transport):
 
     def ports_in_use(self, ports: Iterable[int]) -> set[int]:
         self._enter("ports_in_use")
-        port_list = [validate_port(port) for port in ports]
+        port_list = [port if _is_port(port) else validate_port(port) for port in ports]
         table = self.sim_host.ports
         used = {port for port in port_list if port in table}
         self.network.faults.after_port_check(self.sim_host, port_list, used)
@@ -338,32 +344,46 @@ class SimTransport(Transport):
 
     def forward_local(self, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
         self._enter("forward_local")
-        return self._forward("local", self.network.manager, self.sim_host, pairs)
+        return self._forward("local", self.network.manager, pairs)
 
     def forward_remote(self, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
         self._enter("forward_remote")
-        return self._forward("remote", self.sim_host, self.network.manager, pairs)
+        return self._forward("remote", self.sim_host, pairs)
 
-    def _forward(
-        self, kind: str, listen_host: SimHost, target_host: SimHost, pairs: Sequence[tuple[int, int]]
-    ) -> list[Tunnel]:
+    def _forward(self, kind: str, listen_host: SimHost, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
         """Bind every listen port of the batch, or none of them when one is taken."""
         table = listen_host.ports
         seen: set[int] = set()
         for listen_port, target_port in pairs:
-            validate_port(listen_port, "listen port")
-            validate_port(target_port, "target port")
+            if not (_is_port(listen_port) and _is_port(target_port)):
+                validate_port(listen_port, "listen port")
+                validate_port(target_port, "target port")
+            if self.is_local and listen_port == target_port:
+                continue
             if listen_port in table or listen_port in seen:
                 where = "the manager" if listen_host is self.network.manager else f"host {listen_host.name!r}"
                 raise PortInUseError(listen_port, where=where)
             seen.add(listen_port)
 
+        if self.is_local:
+            return self._forward_on_manager(kind, pairs)
+        tunnels = [SimTunnel(self, kind, listen, target) for listen, target in pairs]
+        table.update(zip((listen for listen, _ in pairs), tunnels))
+        self._tunnels.extend(tunnels)
+        self.network.record(self.host, f"forward_{kind}", f"{len(tunnels)} tunnels")
+        return list(tunnels)
+
+    def _forward_on_manager(self, kind: str, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
+        # Like LocalTransport: a port forwarded to itself needs no listener.
         tunnels: list[Tunnel] = []
-        for listen_port, target_port in pairs:
-            tunnel = SimTunnel(self, kind, listen_host, listen_port, target_host, target_port)
-            table[listen_port] = tunnel
-            tunnels.append(tunnel)
-        self._tunnels.extend(tunnels)  # type: ignore[arg-type]
+        for listen, target in pairs:
+            if listen == target:
+                tunnels.append(NoOpTunnel(self.host, kind, listen))
+            else:
+                tunnel = SimTunnel(self, kind, listen, target)
+                self.sim_host.ports[listen] = tunnel
+                self._tunnels.append(tunnel)
+                tunnels.append(tunnel)
         self.network.record(self.host, f"forward_{kind}", f"{len(tunnels)} tunnels")
         return tunnels
 
@@ -396,3 +416,9 @@ class SimTransport(Transport):
         self._closed = True
         self.network.record(self.host, "connection.close", "")
         self.network.forget(self)
+
+
+def _is_port(value: object) -> bool:
+    """Tell quickly whether `value` is a valid port; validate_port explains the invalid ones."""
+    return type(value) is int and 0 < value < 65536  # noqa: E721 - bool must not pass
+
