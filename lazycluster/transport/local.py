@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -295,7 +296,7 @@ class LocalTransport(Transport):
                             kind,
                             listen,
                             target,
-                            lambda port=target: connect_loopback(port),
+                            functools.partial(connect_loopback, target),
                         )
                     )
         except BaseException:

@@ -3,13 +3,14 @@
 Commands run on exec channels, files move over SFTP and tunnels are
 `direct-tcpip` and `forwarded-tcpip` channels, all on the same connection.
 When the connection has dropped, the next operation reconnects once before it
-sends anything; an operation that fails midway raises `ConnectionLostError`,
-except `ports_in_use`, which is safe to repeat and is retried once.
+sends anything. An operation that fails midway raises `ConnectionLostError`.
+The exception is `ports_in_use`: it is safe to repeat, so it is retried once.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -73,7 +74,8 @@ TUNNEL_MAX_PACKET_SIZE = 256 * 1024
 MAX_PARALLEL_SESSIONS = 8
 
 # Seconds after which a command that the transport runs for itself (process
-# control, port tables, cleanup) fails, so a hung host cannot block close().
+# control, port tables, cleanup) fails, so a hung host delays close() by a
+# bounded time instead of blocking it.
 CONTROL_TIMEOUT = 60.0
 
 # TCP states in /proc/net/tcp that hold a port: all but TIME_WAIT (06), whose
@@ -415,9 +417,7 @@ class SSHTransport(Transport):
                         "local",
                         manager_port,
                         host_port,
-                        lambda target=host_port, origin=manager_port: self._open_direct(
-                            target, origin
-                        ),
+                        functools.partial(self._open_direct, host_port, manager_port),
                     )
                 )
         except BaseException:

@@ -1,10 +1,10 @@
 """Resolution of SSH host aliases through the user's OpenSSH client config.
 
 paramiko's `SSHConfig` applies `Host` and `Match` blocks with first-value-wins
-semantics but ignores `Include`, so this module expands `Include` lines first:
-relative paths are taken from ~/.ssh, globs are expanded in sorted order, and
-an `Include` inside a `Host` or `Match` block applies only within that block,
-as in OpenSSH.
+semantics but ignores `Include`, so this module expands `Include` lines first.
+As in OpenSSH, relative paths are taken from ~/.ssh and globs are expanded in
+sorted order. An `Include` inside a `Host` or `Match` block applies only
+within that block.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class SSHConfigFile:
 
         policy = options.get("stricthostkeychecking", "yes").lower()
         if policy == "ask":
-            # Nobody can answer a prompt here, so "ask" rejects unknown keys like "yes".
+            # The library cannot show a prompt, so "ask" rejects unknown keys like "yes".
             policy = "yes"
         if policy == "off":
             policy = "no"

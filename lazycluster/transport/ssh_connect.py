@@ -71,7 +71,8 @@ class Connection:
     def __post_init__(self) -> None:
         transport = self.client.get_transport()
         assert transport is not None, "the client is not connected"
-        # Kept here because SSHClient.close() forgets it; a closed one reports inactive.
+        # Stored here because SSHClient.close() drops its reference. A closed
+        # transport reports is_active() False.
         self.transport: paramiko.Transport = transport
 
     def close(self) -> None:

@@ -2,8 +2,8 @@
 
 The command runs as `exec /bin/sh -c SCRIPT`, where SCRIPT first prints a
 marker line with the shell's pid. sshd makes that shell a session leader, so
-its pid is also the process group of the command and of everything it starts;
-after a timeout the whole group is killed through a second channel.
+its pid is also the process group of the command and of everything it starts.
+After a timeout the whole group is killed through a second channel.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 PID_MARKER = b"__lazycluster_pid__ "
 READ_SIZE = 256 * 1024
 
-# Longest wait in one select call, so that a dropped connection is noticed
+# Maximum seconds of one select call, so that a dropped connection is noticed
 # even when the channel never becomes readable.
 POLL_INTERVAL = 1.0
 

@@ -33,7 +33,7 @@ from lazycluster.transport.ssh import SSHBackend, SSHTransport
 REAL_PYTHON = "/usr/bin/python3"
 HOST_TMP = "/tmp"  # noqa: S108 - the temp folder inside the test containers
 
-# A TCP echo server for the host: prints its port, then echoes every connection.
+# A TCP echo server for the host: prints "listening", then echoes every connection.
 ECHO_SERVER = """
 import socket, sys, threading
 server = socket.socket()
@@ -54,7 +54,8 @@ while True:
 """
 
 # Opens N concurrent connections to a port on the host, sends SIZE bytes on
-# each and checks the echo; prints "ok N".
+# each and checks the echo. Prints "ok", the count of good echoes and the
+# lengths received on the failed ones.
 ECHO_CLIENTS = """
 import os, socket, sys, threading
 port, count, size = map(int, sys.argv[1:4])
