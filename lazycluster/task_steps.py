@@ -23,12 +23,15 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lazycluster import host_commands
 from lazycluster.exceptions import LazyclusterError
-from lazycluster.transport import Transport
+from lazycluster.transport import ProcessHandle, Transport
 
 if TYPE_CHECKING:
     from lazycluster.task import RuntimeTask
 
 logger = logging.getLogger(__name__)
+
+# Seconds between log reads of a background step with debug output; it grows to ten times this.
+POLL_INTERVAL = 0.2
 
 
 @dataclass(frozen=True)
@@ -164,13 +167,9 @@ class StepRunner:
                          self.transport.host)
             self.task._current_process = process
             try:
-                exit_code = process.wait()
+                return self._wait_and_collect(process)
             finally:
                 self.task._current_process = None
-            log = process.read_log()
-            for line in log.splitlines():
-                self.emit_output(line)
-            return exit_code, log
 
         result = self.transport.run(
             command, env=self.env, cwd=self.working_dir, on_output=self.emit_output, stdin=stdin
@@ -180,6 +179,36 @@ class StepRunner:
             for line in (result.stdout + result.stderr).splitlines():
                 self.emit_output(line)
         return result.exit_code, result.stdout
+
+    def _wait_and_collect(self, process: ProcessHandle) -> tuple[int, str]:
+        """Wait for a background process and emit its log lines; return its exit code and log.
+
+        With debug, the log is read on every poll so the lines appear while the
+        process runs, at the cost of reading the whole log each time.
+        """
+        emitted = 0
+
+        def emit_new_lines(finished: bool) -> str:
+            nonlocal emitted
+            log = process.read_log()
+            lines = log.split("\n")
+            # The last element is an unfinished line, or "" after a final newline.
+            complete = lines if finished and lines[-1] else lines[:-1]
+            for line in complete[emitted:]:
+                self.emit_output(line)
+            emitted = max(emitted, len(complete))
+            return log
+
+        if self.debug:
+            def finished_after_drain() -> bool:
+                finished = process.poll() is not None
+                emit_new_lines(finished)
+                return finished
+
+            self.transport.clock.wait_until(finished_after_drain, float("inf"), interval=POLL_INTERVAL)
+
+        exit_code = process.wait()
+        return exit_code, emit_new_lines(finished=True)
 
     # --- functions ---------------------------------------------------------------------
 

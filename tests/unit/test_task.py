@@ -294,3 +294,13 @@ def test_async_function_payload_removed(runtime):
     task = runtime.execute_task(RuntimeTask().run_function(double, value=4))
     assert list(task.function_returns) == [8]
     assert [name for name in os.listdir(runtime.working_dir) if name.endswith(".pickle")] == []
+
+
+def test_async_debug_prints_while_running(runtime, capsys, tmp_path):
+    release = tmp_path / "release"
+    command = f"echo early; while [ ! -e {release} ]; do sleep 0.05; done; echo late"
+    task = runtime.execute_task(RuntimeTask().run_command(command), debug=True)
+    assert runtime.transport.clock.wait_until(lambda: "node-1: early" in capsys.readouterr().out, 10)
+    release.touch()
+    task.join()
+    assert task.execution_log[0].splitlines()[1:] == ["early", "late"]
