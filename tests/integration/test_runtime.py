@@ -84,7 +84,7 @@ def alias(ssh_hosts: Any) -> str:
 
 
 class ManagerServer:
-    """A TCP server on the manager's 127.0.0.1 that answers every connection with `reply`."""
+    """A TCP server on the manager's 127.0.0.1 that sends `reply` on every connection."""
 
     def __init__(self, reply: bytes) -> None:
         self.reply = reply
