@@ -30,6 +30,7 @@ from lazycluster.transport.base import (
     validate_port,
 )
 from lazycluster.transport.forwarding import NoOpTunnel
+from lazycluster.transport.shell import validate_env
 from sim.commands import CommandProgram, CommandRunner, CommandTimedOut
 from sim.process import SIGKILL, SIGTERM, SimProcess
 
@@ -102,7 +103,9 @@ class SimProcessHandle(ProcessHandle):
         self.log_path = process.log_path
 
     def poll(self) -> int | None:
-        self.transport._enter("poll")
+        # After close() every process was stopped; the handle reports the stored code.
+        if not self.transport._closed:
+            self.transport._enter("poll")
         return self.process.exit_code
 
     def wait(self, timeout: float | None = None) -> int:
@@ -196,7 +199,7 @@ class SimTransport(Transport):
         return [str(part) for part in command]
 
     def _environment(self, env: Mapping[str, str] | None) -> dict[str, str]:
-        return {**self.sim_host.env, **(env or {})}
+        return {**self.sim_host.env, **validate_env(env)}
 
     def _working_dir(self, cwd: str | None) -> str:
         return self.sim_host.fs.resolve(cwd) if cwd else self.sim_host.home
@@ -212,6 +215,7 @@ class SimTransport(Transport):
         stdin: bytes | None = None,
     ) -> CommandResult:
         self._enter("run")
+        environment = self._environment(env)
         text = command_to_shell(command)
         argv = self._argv(command)
         working_dir = self._working_dir(cwd)
@@ -221,7 +225,7 @@ class SimTransport(Transport):
 
         deadline = None if timeout is None else self.clock.monotonic() + timeout
         runner = CommandRunner(
-            self.network, self.sim_host, self._environment(env), working_dir, stdin or b"", deadline
+            self.network, self.sim_host, environment, working_dir, stdin or b"", deadline
         )
         try:
             code = runner.run_argv(argv)
@@ -243,6 +247,7 @@ class SimTransport(Transport):
         log_path: str | None = None,
     ) -> ProcessHandle:
         self._enter("start_process")
+        environment = self._environment(env)
         argv = self._argv(command)
         fs = self.sim_host.fs
         if log_path is None:
@@ -254,7 +259,7 @@ class SimTransport(Transport):
             self.network.next_pid(),
             argv,
             command_to_shell(command),
-            self._environment(env),
+            environment,
             self._working_dir(cwd),
             fs.resolve(log_path),
             program,
