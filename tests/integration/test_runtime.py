@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -253,6 +254,16 @@ def test_group_broadcast(ssh_hosts: Any) -> None:
         names = list(group.function_returns)
         assert len(tasks) == len(ssh_hosts)
         assert len(set(names)) == len(ssh_hosts)
+
+
+def test_group_runs_hosts_in_parallel(ssh_hosts: Any) -> None:
+    with RuntimeGroup(hosts=ssh_hosts.aliases) as group:
+        group.execute_task(RuntimeTask().run_command("true"), broadcast=True, execute_async=False)
+        started = time.monotonic()
+        group.execute_task(RuntimeTask().run_command("sleep 2"), broadcast=True, execute_async=False)
+        elapsed = time.monotonic() - started
+    # One after another would take 2 s per host; in parallel about 2 s in all.
+    assert elapsed < 2 * len(ssh_hosts) - 1.5, elapsed
 
 
 def test_preprocessing_in_parallel(ssh_hosts: Any) -> None:
