@@ -10,6 +10,8 @@ of them.
   hosts that are removed when the test ends.
 - `ssh_backend` (function): installs `SSHBackend` for the `ssh_hosts` config
   as the active backend and restores the previous one afterwards.
+
+Tests that request one of these fixtures get the `docker` marker.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ if TYPE_CHECKING:
     from containers.hosts import HostGroup
 
 SESSION_HOST_COUNT = 3
+DOCKER_FIXTURES = frozenset({"ssh_hosts", "make_ssh_hosts", "ssh_backend"})
+
+
+# tryfirst: the marker must be in place before pytest's own `-m` deselection runs.
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a Docker fixture with `docker`, wherever it lives."""
+    for item in items:
+        if DOCKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.docker)
 
 
 def _start_group(tmp_path_factory: pytest.TempPathFactory, count: int, **kwargs: Any) -> HostGroup:
@@ -64,9 +76,8 @@ def make_ssh_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
 @pytest.fixture
 def ssh_backend(ssh_hosts: HostGroup, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Install an `SSHBackend` reading the hosts' SSH config, and restore the previous backend after."""
-    from lazycluster.transport.ssh import SSHBackend
-
     from lazycluster.transport import set_backend
+    from lazycluster.transport.ssh import SSHBackend
 
     # The environment variable covers code that builds its own default backend.
     monkeypatch.setenv("LAZYCLUSTER_SSH_CONFIG", str(ssh_hosts.ssh_config_path))
