@@ -17,7 +17,7 @@ from lazycluster.exceptions import AuthenticationError, HostUnreachableError
 from lazycluster.transport.base import Backend
 from sim.builtins import find_builtin
 from sim.clock import VirtualClock
-from sim.commands import Handler
+from sim.commands import Call, Handler
 from sim.faults import Fault, FaultInjector, FaultPlan
 from sim.host import ForeignHolder, SimHost
 from sim.process import SIGKILL, Program, SimProcess
@@ -35,6 +35,15 @@ DEFAULT_START_DELAYS = {"scheduler": 0.5, "worker": 0.3}
 START_JITTER = 0.2
 FIRST_PID = 1000
 MAX_ROUTE_HOPS = 8
+
+
+def unmodeled_executable(call: Call) -> int:
+    """Stand-in for an executable a host lists as installed but nothing simulates."""
+    raise NotImplementedError(
+        f"the simulator does not (yet) support running {call.argv[0]!r} on host "
+        f"{call.host.name!r}: it is listed as installed, but no handler is registered. "
+        "Register one with network.register_command(name, handler)."
+    )
 
 
 class TraceEvent(NamedTuple):
@@ -209,11 +218,18 @@ class Network(Backend):
             connections.remove(transport)
 
     def find_command(self, host: SimHost, executable: str) -> Handler | None:
-        handler = self._host_commands.get((host.name, executable)) or self._commands.get(executable)
-        if handler is None and "/" in executable:
-            name = executable.rsplit("/", 1)[1]
-            handler = self._host_commands.get((host.name, name)) or self._commands.get(name)
-        return handler or find_builtin(host, executable)
+        """Return the handler of `executable` on `host`, or None when it is not installed there."""
+        name = executable.rsplit("/", 1)[-1]
+        handler = (
+            self._host_commands.get((host.name, executable))
+            or self._commands.get(executable)
+            or self._host_commands.get((host.name, name))
+            or self._commands.get(name)
+            or find_builtin(host, executable)
+        )
+        if handler is None and name in host.executables:
+            return unmodeled_executable
+        return handler
 
     def find_script(self, text: str) -> Handler | None:
         return self._scripts.get(text)

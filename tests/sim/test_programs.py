@@ -1,0 +1,160 @@
+"""The Dask scheduler and worker models, started with the library's own argv."""
+
+from __future__ import annotations
+
+import pytest
+
+import sim
+from lazycluster.cluster.dask_commands import registered_worker_ports, scheduler_command, worker_command
+
+SCHEDULER_PORT = 8786
+
+
+@pytest.fixture
+def network() -> sim.Network:
+    network = sim.Network(["h1", "h2"], seed=11)
+    network.set_start_delay("scheduler", 0.5)
+    network.set_start_delay("worker", 0.3)
+    return network
+
+
+def start_scheduler(network: sim.Network, port: int = SCHEDULER_PORT):
+    return network.local().start_process(scheduler_command(port, None))
+
+
+def start_worker(network: sim.Network, host: str, port: int, name: str, death_timeout: float = 60):
+    transport = network.local() if host == "localhost" else network.connect(host)
+    handle = transport.start_process(worker_command("python3", SCHEDULER_PORT, port, 1, name, death_timeout))
+    return transport, handle
+
+
+def test_scheduler_binds_after_start_delay(network):
+    scheduler = start_scheduler(network)
+    assert network.local().ports_in_use([SCHEDULER_PORT]) == set()
+
+    network.clock.sleep(0.5)
+
+    assert network.local().ports_in_use([SCHEDULER_PORT]) == {SCHEDULER_PORT}
+    assert "Scheduler at:      tcp://127.0.0.1:8786" in scheduler.read_log()
+
+
+def test_scheduler_dashboard_port(network):
+    handle = network.local().start_process(scheduler_command(SCHEDULER_PORT, 8787))
+    network.clock.sleep(1)
+    assert network.local().ports_in_use([SCHEDULER_PORT, 8787]) == {SCHEDULER_PORT, 8787}
+    assert "dashboard at:  http://127.0.0.1:8787/status" in handle.read_log()
+
+
+def test_scheduler_port_taken_meanwhile_exits_1(network):
+    scheduler = start_scheduler(network)
+    network.hold_port("localhost", SCHEDULER_PORT)
+
+    assert scheduler.wait(timeout=5) == 1
+    assert "Address already in use" in scheduler.read_log()
+
+
+def test_worker_on_manager_registers_directly(network):
+    scheduler = start_scheduler(network)
+    start_worker(network, "localhost", 9001, "local-0")
+    network.clock.sleep(1)
+
+    log = scheduler.read_log()
+    assert "Register worker addr: tcp://127.0.0.1:9001 name: local-0" in log
+    assert registered_worker_ports(log) == {9001}
+
+
+def test_remote_worker_needs_scheduler_tunnel(network):
+    scheduler = start_scheduler(network)
+    transport, worker = start_worker(network, "h1", 9001, "h1-0")
+    network.clock.sleep(5)
+    assert registered_worker_ports(scheduler.read_log()) == set()
+    waiting = [line for line in worker.read_log().splitlines() if "Waiting to connect to:" in line]
+    assert waiting and waiting[0].endswith(" tcp://127.0.0.1:8786")
+
+    transport.forward_remote([(SCHEDULER_PORT, SCHEDULER_PORT)])
+    network.clock.sleep(1)
+
+    assert registered_worker_ports(scheduler.read_log()) == {9001}
+    assert "Registered to:" in worker.read_log()
+
+
+def test_tunnel_to_wrong_port_does_not_register(network):
+    scheduler = start_scheduler(network)
+    transport, _ = start_worker(network, "h1", 9001, "h1-0")
+    transport.forward_remote([(SCHEDULER_PORT, 9999)])
+    network.clock.sleep(5)
+    assert registered_worker_ports(scheduler.read_log()) == set()
+
+
+def test_worker_without_scheduler_exits_after_death_timeout(network):
+    _, worker = start_worker(network, "h1", 9001, "h1-0", death_timeout=10)
+    network.clock.sleep(9)
+    assert worker.poll() is None
+    network.clock.sleep(2)
+    assert worker.poll() == 1
+    assert "Timed out trying to connect to tcp://127.0.0.1:8786 after 10 s" in worker.read_log()
+
+
+def test_workers_exit_when_scheduler_stops(network):
+    scheduler = start_scheduler(network)
+    _, worker = start_worker(network, "localhost", 9001, "local-0", death_timeout=5)
+    network.clock.sleep(1)
+    scheduler.stop()
+
+    network.clock.sleep(4)
+    assert worker.poll() is None
+    network.clock.sleep(2)
+    assert worker.poll() == 1
+
+
+def test_closing_scheduler_tunnel_unregisters_worker(network):
+    scheduler = start_scheduler(network)
+    transport, worker = start_worker(network, "h1", 9001, "h1-0", death_timeout=3)
+    tunnel = transport.forward_remote([(SCHEDULER_PORT, SCHEDULER_PORT)])[0]
+    network.clock.sleep(1)
+    tunnel.close()
+
+    assert "Remove worker addr: tcp://127.0.0.1:9001 name: h1-0" in scheduler.read_log()
+    network.clock.sleep(5)
+    assert worker.poll() == 1
+
+
+def test_duplicate_worker_name_is_rejected(network):
+    scheduler = start_scheduler(network)
+    start_worker(network, "localhost", 9001, "same")
+    _, second = start_worker(network, "localhost", 9002, "same")
+    network.clock.sleep(2)
+
+    assert registered_worker_ports(scheduler.read_log()) == {9001}
+    assert second.poll() == 1
+    assert "name taken" in second.read_log()
+
+
+def test_worker_port_taken_before_bind_exits_1(network):
+    start_scheduler(network)
+    _, worker = start_worker(network, "h1", 9001, "h1-0")
+    network.hold_port("h1", 9001)
+    network.clock.sleep(1)
+    assert worker.poll() == 1
+    assert "Address already in use" in worker.read_log()
+
+
+def test_sigterm_frees_ports(network):
+    scheduler = start_scheduler(network)
+    network.clock.sleep(1)
+    assert scheduler.stop() == 128 + 15
+    assert network.local().ports_in_use([SCHEDULER_PORT]) == set()
+    assert "Received signal SIGTERM (15)" in scheduler.read_log()
+
+
+def test_worker_without_scheduler_address_is_not_supported(network):
+    with pytest.raises(NotImplementedError, match="scheduler address"):
+        network.connect("h1").start_process(["python3", "-m", "distributed.cli.dask_worker", "--nthreads", "1"])
+
+
+def test_unknown_worker_flags_are_ignored(network):
+    scheduler = start_scheduler(network)
+    argv = worker_command("python3", SCHEDULER_PORT, 9001, 2, "w", 60) + ["--memory-limit", "2GB", "--new-flag"]
+    network.local().start_process(argv)
+    network.clock.sleep(1)
+    assert registered_worker_ports(scheduler.read_log()) == {9001}
