@@ -107,8 +107,9 @@ def _add_list_runtimes(commands: Any, common: argparse.ArgumentParser) -> None:
                         help="add OS, CPU cores, memory, Python version and GPUs as a table")
     parser.add_argument("--json", action="store_true", help="print one JSON document for scripts")
     parser.add_argument("--timeout", type=_argument_type(_positive_seconds, "seconds"),
-                        metavar="S", help="seconds each host may take to log in and start "
-                        "python3 before it counts as inactive (default: the library's probe timeout)")
+                        metavar="S", help="seconds each host may take to start python3 after login "
+                        "before it counts as inactive (default: the library's probe timeout); "
+                        "ConnectTimeout in the SSH config bounds the login itself")
     parser.set_defaults(handler=_run_list_runtimes)
 
 
@@ -151,7 +152,8 @@ def _add_dask(commands: Any, common: argparse.ArgumentParser) -> None:
         "dask", parents=[common],
         help="start a Dask cluster on the runtimes and keep it up until Ctrl-C",
         description="Start a Dask scheduler on this machine and workers on the runtimes, print "
-        "the scheduler address and the dashboard link, and stop everything on Ctrl-C or SIGTERM.",
+        "the scheduler address and the dashboard link, and stop everything on Ctrl-C, SIGTERM "
+        "or SIGHUP.",
     )
     parser.add_argument("--workers", type=_argument_type(_positive_int, "count"), metavar="N",
                         help="number of workers (default: one per runtime)")
@@ -162,8 +164,9 @@ def _add_dask(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--ports", type=_argument_type(parse_port_range, "ports"), metavar="A-B",
                         help="ports for workers and the scheduler (default: 60001-60199)")
     parser.add_argument("--timeout", type=_argument_type(_positive_seconds, "seconds"),
-                        metavar="S", help="seconds to wait for each step: every host to log in, "
-                        "the scheduler to start, the workers to register (default: the library's timeouts)")
+                        metavar="S", help="seconds to wait for each step: every host to start "
+                        "python3 after login, the scheduler to start, the workers to register "
+                        "(default: the library's timeouts)")
     parser.set_defaults(handler=_run_dask)
 
 

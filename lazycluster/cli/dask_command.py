@@ -1,4 +1,4 @@
-"""`lazycluster dask`: run a Dask cluster on the runtimes until Ctrl-C or SIGTERM.
+"""`lazycluster dask`: run a Dask cluster on the runtimes until Ctrl-C, SIGTERM or SIGHUP.
 
 Progress goes to stderr. The scheduler address and the dashboard link go to
 stdout, one `Scheduler: ...` and one `Dashboard: ...` line, so a script can
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from types import FrameType
 from typing import Any
 
@@ -33,25 +33,32 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+# SIGHUP comes when the terminal closes; the cluster should not outlive it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    """Make SIGINT and SIGTERM raise KeyboardInterrupt, so `kill PID` cleans up like Ctrl-C.
+def _handle_stop_signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, previous_handler in previous.items():
+            signal.signal(signum, previous_handler)
+
+
+def _signals_as_interrupt() -> AbstractContextManager[None]:
+    """Make SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt, so `kill PID` cleans up like Ctrl-C.
 
     SIGINT is set too because a shell starts background jobs with SIGINT
     ignored, and Python then keeps it ignored.
     """
-    previous_int = signal.signal(signal.SIGINT, _raise_interrupt)
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous_int)
-        signal.signal(signal.SIGTERM, previous_term)
+    return _handle_stop_signals(_raise_interrupt)
 
 
 @contextmanager
 def _interrupts_deferred() -> Iterator[None]:
-    """Let cleanup finish: the first Ctrl-C or SIGTERM only prints a notice, the second aborts."""
+    """Let cleanup finish: the first stop signal only prints a notice, the second aborts."""
     received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -60,13 +67,8 @@ def _interrupts_deferred() -> Iterator[None]:
             raise KeyboardInterrupt(signal.Signals(signum).name)
         progress("Still stopping the cluster. Press Ctrl-C again to abort and leave processes behind.")
 
-    previous_int = signal.signal(signal.SIGINT, on_signal)
-    previous_term = signal.signal(signal.SIGTERM, on_signal)
-    try:
+    with _handle_stop_signals(on_signal):
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous_int)
-        signal.signal(signal.SIGTERM, previous_term)
 
 
 def _create_manager(probe_timeout: float | None) -> Any:

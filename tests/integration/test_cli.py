@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,13 +291,15 @@ def test_dask_runs_until_sigint(ssh_hosts: Any, dask_run: list[CliProcess]) -> N
     assert "Traceback" not in "\n".join(run.stderr)
 
 
-def test_dask_sigterm_after_start(ssh_hosts: Any, dask_run: list[CliProcess]) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_dask_stop_signal_after_start(ssh_hosts: Any, dask_run: list[CliProcess], signum: int) -> None:
     run = start_dask(ssh_hosts, dask_run, "--hosts", ",".join(ssh_hosts.aliases[:2]))
 
     run.wait_for_line("stdout", "Scheduler:", START_TIMEOUT)
     assert scheduler_processes(SCHEDULER_PORT) != []
 
-    assert run.stop(signal.SIGTERM, STOP_TIMEOUT) == 0
+    assert run.stop(signum, STOP_TIMEOUT) == 0
+    assert "Cluster stopped." in run.stderr[-1]
     assert "Traceback" not in "\n".join(run.stderr)
 
 
@@ -353,3 +356,63 @@ def test_dask_scheduler_death_fails(ssh_hosts: Any, dask_run: list[CliProcess]) 
     assert exit_code == 1
     assert any("scheduler exited" in line for line in run.stderr), run.stderr
     assert "Traceback" not in "\n".join(run.stderr)
+
+
+# ---------------------------------------------------------------------------
+# why a host is inactive
+
+
+def inactive_reason(config: Path, alias: str, *extra: str) -> str:
+    result = run_cli("list-runtimes", "--json", *extra, config=config)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    reasons = {entry["host"]: entry["reason"] for entry in document["inactive"]}
+    assert alias in reasons, document
+    return reasons[alias]
+
+
+def test_list_runtimes_paused_host_bounded(make_ssh_hosts: Any, tmp_path: Path) -> None:
+    # A paused host accepts TCP but never answers the SSH handshake; ConnectTimeout
+    # in the SSH config bounds the login, --timeout bounds the check after it.
+    hosts = make_ssh_hosts(1)
+    config = tmp_path / "config"
+    config.write_text("ConnectTimeout 3\n" + hosts.ssh_config_path.read_text())
+    hosts[0].pause()
+    try:
+        started = time.monotonic()
+        reason = inactive_reason(config, hosts[0].alias, "--timeout", "3")
+        elapsed = time.monotonic() - started
+    finally:
+        hosts[0].unpause()
+
+    assert "SSH handshake" in reason
+    # 3 s for the login plus the interpreter start of the CLI.
+    assert elapsed < 15, elapsed
+
+
+def test_list_runtimes_wrong_key_rejected(make_ssh_hosts: Any, tmp_path: Path) -> None:
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen is not installed")
+    hosts = make_ssh_hosts(1)
+    other_key = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)], check=True)
+    config = tmp_path / "config"
+    config.write_text(hosts.ssh_config_path.read_text().replace(str(hosts.key_path), str(other_key)))
+    assert str(other_key) in config.read_text()
+
+    reason = inactive_reason(config, hosts[0].alias)
+
+    assert "uthentication" in reason
+
+
+def test_list_runtimes_host_without_python(make_ssh_hosts: Any) -> None:
+    hosts = make_ssh_hosts(1)
+    host = hosts[0]
+    # /bin links to /usr/bin in the image, so `which -a` lists one file twice.
+    hide = 'for p in $(which -a python3); do if [ -e "$p" ]; then mv "$p" "$p.hidden"; fi; done'
+    host.exec(["sh", "-c", hide]).check()
+    assert host.exec(["sh", "-c", "command -v python3"], user=host.user).exit_code != 0
+
+    reason = inactive_reason(hosts.ssh_config_path, host.alias)
+
+    assert "python3 was not found" in reason

@@ -426,6 +426,39 @@ def test_unwritable_directory_is_failure(config: Path) -> None:
     assert config.read_text() == SAMPLE_CONFIG
 
 
+def test_parent_path_is_file_is_failure(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+
+    result = add(blocker / "config", "node1", "node1")
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "not-a-directory" in result.stderr
+    assert blocker.read_text() == ""
+
+
+def test_concurrent_adds_keep_every_entry(config: Path) -> None:
+    # Each process takes the file lock, so no edit overwrites another one.
+    names = [f"node{index}" for index in range(8)]
+    full_env = {key: value for key, value in os.environ.items() if key != "LAZYCLUSTER_SSH_CONFIG"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lazycluster.cli", "add-runtime", "--ssh-config", str(config), name, name],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+        )
+        for name in names
+    ]
+    outputs = [process.communicate(timeout=120) for process in processes]
+
+    assert [process.returncode for process in processes] == [0] * len(names), outputs
+    text = config.read_text()
+    for name in names:
+        assert f"Host {name}\n" in text
+    assert "Host build\n" in text
+    assert sorted(p.name for p in config.parent.iterdir()) == ["config", "config.bak"]
+
+
 def test_debug_shows_traceback(config: Path) -> None:
     result = run_cli("add-runtime", "--debug", "--ssh-config", str(config), "build", "h",
                      home=config.parent)
