@@ -12,6 +12,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -416,3 +417,16 @@ def test_list_runtimes_host_without_python(make_ssh_hosts: Any) -> None:
     reason = inactive_reason(hosts.ssh_config_path, host.alias)
 
     assert "python3 was not found" in reason
+
+
+def test_dask_scheduler_port_in_use(ssh_hosts: Any, dask_run: list[CliProcess]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", SCHEDULER_PORT))
+        blocker.listen()
+        run = start_dask(ssh_hosts, dask_run)
+        exit_code = run.wait(START_TIMEOUT)
+
+    assert exit_code == 1
+    assert f"Port {SCHEDULER_PORT} is already in use" in run.stderr[-1]
+    assert "Traceback" not in "\n".join(run.stderr)
+    assert run.stdout == []
