@@ -265,7 +265,10 @@ class Network(Backend):
         return None
 
     def restart_host(self, name: str) -> None:
-        """Reboot a host: every process ends, every port is free, connections are lost."""
+        """Reboot a host: every process ends, every port is free, connections are lost.
+
+        /tmp is emptied, as on systems that keep it in memory (tmpfs).
+        """
         host = self.host(name)
         host.boot_count += 1
         self.record(name, "host.restart", f"boot={host.boot_count}")
@@ -279,6 +282,9 @@ class Network(Backend):
         for transport in list(self._connections.get(name, [])):
             if not transport._lost:
                 transport._drop("host restarted")
+        for path in host.fs.under("/tmp"):
+            if host.fs.exists(path):
+                host.fs.remove(path, recursive=True)
 
     # -- queries for tests ---------------------------------------------------------
 

@@ -153,6 +153,7 @@ class SimTransport(Transport):
         self._boot = sim_host.boot_count
         self._closed = False
         self._lost = False
+        self._lost_reason = ""
         self._processes: list[SimProcessHandle] = []
         self._tunnels: list[SimTunnel] = []
         self._log_dir: str | None = None
@@ -177,13 +178,14 @@ class SimTransport(Transport):
         if self._lost:
             raise ConnectionLostError(
                 self.host,
-                f"The connection to host {self.host!r} was lost during {operation}. "
-                "Check the host and reconnect.",
+                f"The connection to host {self.host!r} was lost during {operation} "
+                f"({self._lost_reason}). Check the host and reconnect.",
             )
 
     def _drop(self, reason: str) -> None:
         """Lose the connection: its tunnels die with it, started processes keep running."""
         self._lost = True
+        self._lost_reason = reason
         self.network.record(self.host, "connection.lost", reason)
         logger.info("Simulated connection to %s lost: %s", self.host, reason)
         for tunnel in self._tunnels:
