@@ -7,14 +7,6 @@ import sys
 
 import cloudpickle
 import pytest
-from runtime_fixtures import (  # noqa: F401 - pytest fixtures
-    HOSTS,
-    backend,
-    busy_port,
-    echo_server,
-    echo_through,
-    free_ports,
-)
 
 from lazycluster import (
     InvalidRuntimeError,
@@ -28,6 +20,14 @@ from lazycluster import (
 from lazycluster.clock import SystemClock
 from lazycluster.group import INTERNAL_PORT_RANGE
 from lazycluster.runtime import _live_runtimes
+from tests.unit.runtime_fixtures import (  # noqa: F401 - pytest fixtures
+    HOSTS,
+    backend,
+    busy_port,
+    echo_server,
+    echo_through,
+    free_ports,
+)
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from runtime_fixtures import HOSTS, backend  # noqa: F401 - pytest fixture
 
 from lazycluster import NoRuntimesDetectedError, RuntimeGroup, RuntimeManager
 from lazycluster.runtime_mgmt import RuntimeManager as RuntimeManagerFromOldPath
+from tests.unit.runtime_fixtures import HOSTS, backend  # noqa: F401 - pytest fixture
 
 
 @pytest.fixture

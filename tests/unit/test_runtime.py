@@ -8,7 +8,6 @@ import sys
 
 import cloudpickle
 import pytest
-from runtime_fixtures import backend  # noqa: F401 - pytest fixture
 
 from lazycluster import (
     InvalidRuntimeError,
@@ -17,6 +16,7 @@ from lazycluster import (
     RuntimeTask,
 )
 from lazycluster.runtime import _live_runtimes
+from tests.unit.runtime_fixtures import backend  # noqa: F401 - pytest fixture
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

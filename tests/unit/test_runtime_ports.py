@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from runtime_fixtures import (  # noqa: F401 - pytest fixtures
+
+from lazycluster import NoPortsLeftError, PortInUseError, Runtime, RuntimeTask, TaskExecutionError
+from lazycluster.transport.local import LocalTransport
+from tests.unit.runtime_fixtures import (  # noqa: F401 - pytest fixtures
     backend,
     busy_port,
     echo_server,
     echo_through,
     free_ports,
 )
-
-from lazycluster import NoPortsLeftError, PortInUseError, Runtime, RuntimeTask, TaskExecutionError
-from lazycluster.transport.local import LocalTransport
 
 
 @pytest.fixture

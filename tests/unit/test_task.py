@@ -9,9 +9,9 @@ import threading
 
 import cloudpickle
 import pytest
-from runtime_fixtures import backend  # noqa: F401 - pytest fixture
 
 from lazycluster import Runtime, RuntimeTask, TaskExecutionError
+from tests.unit.runtime_fixtures import backend  # noqa: F401 - pytest fixture
 
 # The hosts cannot import this test module, so its functions travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
