@@ -76,6 +76,8 @@ def _short_hash(*parts: bytes) -> str:
 
 def base_tag() -> str:
     """Return the tag of the base image for this machine's architecture."""
+    # NOTE: Debian package updates do not change this tag; remove the base
+    # image (docker rmi) to rebuild it with the current packages.
     inputs = [DEBIAN_SUITE, platform.machine(), *BASE_PACKAGES]
     return f"{BASE_REPOSITORY}:{_short_hash(*(item.encode() for item in inputs))}"
 

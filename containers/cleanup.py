@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import signal
 import threading
 import uuid
@@ -25,7 +26,9 @@ log = logging.getLogger(__name__)
 HOST_LABEL = "lazycluster.test-host"
 RUN_LABEL = "lazycluster.test-run"
 GROUP_LABEL = "lazycluster.test-group"
-RUN_ID = uuid.uuid4().hex
+# A parent process may choose the id (LAZYCLUSTER_TEST_RUN_ID) to find the
+# containers of a child run it interrupts.
+RUN_ID = os.environ.get("LAZYCLUSTER_TEST_RUN_ID") or uuid.uuid4().hex
 
 _handlers_installed = False
 _lock = threading.Lock()

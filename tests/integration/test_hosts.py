@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import docker
@@ -440,8 +441,11 @@ def test_kill_host_cuts_open_connection(make_ssh_hosts) -> None:
 
 # Cleanup on interrupt and signals.
 
+# Both children reset SIGINT to KeyboardInterrupt, because a shell without job
+# control starts background commands with SIGINT ignored.
 _START_SCRIPT = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from containers import cleanup
 from containers.hosts import start_hosts
 print(cleanup.RUN_ID, flush=True)
@@ -473,6 +477,38 @@ def test_signal_during_start_leaves_no_container(ssh_hosts: HostGroup, signum: i
 
     assert process.returncode != 0, stderr
     assert run_labelled(label) == [], stderr
+
+
+_PYTEST_SCRIPT = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import pytest
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", sys.argv[1]]))
+"""
+
+
+def test_ctrl_c_on_pytest_during_start_leaves_no_container(ssh_hosts: HostGroup) -> None:
+    build_image()
+    run_id = uuid.uuid4().hex
+    label = f"{cleanup.RUN_LABEL}={run_id}"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _PYTEST_SCRIPT, "tests/integration/test_hosts.py::test_root_login_by_key"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        env={**os.environ, "LAZYCLUSTER_TEST_RUN_ID": run_id},
+    )
+    try:
+        _wait_until(lambda: len(run_labelled(label)) >= 1, timeout=120)
+
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert "KeyboardInterrupt" in output, output
+    assert process.returncode == 2, output
+    assert run_labelled(label) == [], output
 
 
 # Helpers.
