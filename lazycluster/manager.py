@@ -21,7 +21,9 @@ class RuntimeManager:
     """Tries every host of the SSH config (no wildcard patterns) as a Runtime, in parallel.
 
     Hosts that fail are listed in `inactive_hosts`, with the reason in
-    `inactive_host_reasons`.
+    `inactive_host_reasons`. Each host gets the SSH connect timeout of the
+    backend (ConnectTimeout of the SSH config, 30 s by default with SSHBackend)
+    and then `probe_timeout` seconds for the python3 check.
     """
 
     def __init__(self, probe_timeout: float = DEFAULT_PROBE_TIMEOUT) -> None:
