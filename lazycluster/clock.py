@@ -93,11 +93,20 @@ class SystemClock(Clock):
         if len(item_list) <= 1:
             return [function(item) for item in item_list]
 
-        with ThreadPoolExecutor(
-            max_workers=min(len(item_list), MAX_PARALLEL_CALLS),
-            thread_name_prefix="lazycluster",
-        ) as pool:
-            futures = [pool.submit(function, item) for item in item_list]
+        futures: list[Future[R]] = []
+        try:
+            with ThreadPoolExecutor(
+                max_workers=min(len(item_list), MAX_PARALLEL_CALLS),
+                thread_name_prefix="lazycluster",
+            ) as pool:
+                for item in item_list:
+                    futures.append(pool.submit(function, item))
+        except RuntimeError:
+            # Once interpreter shutdown has begun (in atexit handlers, where
+            # cleanup runs) no executor accepts work, so run the calls in turn.
+            if futures:
+                raise
+            return [function(item) for item in item_list]
 
         # Leaving the with-block waited for every call, so result() no longer blocks.
         errors = [future.exception() for future in futures]

@@ -329,3 +329,40 @@ def test_context_manager_cleans_up(backend):  # noqa: F811
 
 def _live_runtimes_of(host: str) -> list[Runtime]:
     return [runtime for runtime in _live_runtimes if runtime.host == host]
+
+
+EXIT_SCRIPT = """
+import json
+from lazycluster import Runtime, RuntimeTask
+from lazycluster.transport.local import LocalTransport
+
+runtime = Runtime("localhost", transport=LocalTransport())
+for index in range(3):
+    runtime.execute_task(RuntimeTask().run_command("sleep 600"), omit_on_join=True)
+transport = runtime.transport
+transport.clock.wait_until(lambda: len(transport.processes) == 3, 10)
+print(json.dumps({"pids": [process.pid for process in transport.processes],
+                  "working_dir": runtime.working_dir}))
+"""
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_cleanup_at_interpreter_exit(backend, tmp_path):  # noqa: F811
+    import subprocess
+
+    completed = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert completed.returncode == 0, completed.stderr
+    started = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert len(started["pids"]) == 3
+    assert not [pid for pid in started["pids"] if _process_running(pid)]
+    assert not os.path.exists(started["working_dir"])
+    assert "Traceback" not in completed.stderr
