@@ -421,6 +421,8 @@ def test_list_runtimes_host_without_python(make_ssh_hosts: Any) -> None:
 
 def test_dask_scheduler_port_in_use(ssh_hosts: Any, dask_run: list[CliProcess]) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        # Connections of an earlier scheduler on this port may still be in TIME_WAIT.
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         blocker.bind(("127.0.0.1", SCHEDULER_PORT))
         blocker.listen()
         run = start_dask(ssh_hosts, dask_run)
