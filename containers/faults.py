@@ -76,6 +76,10 @@ class HostFaults:
     alias: str
     container: Any
     _blockers: list[PortBlocker]
+    # Faults set through this object and not undone yet, kept in memory so
+    # that checking for them costs no Docker call.
+    _paused: bool
+    _slow_start_set: bool
 
     def exec(self, argv: Sequence[str], user: str = "root") -> ExecResult:
         raise NotImplementedError
@@ -147,11 +151,13 @@ class HostFaults:
     def pause(self) -> None:
         """Freeze every process of the host (docker pause); SSH connections hang until `unpause`."""
         self.container.pause()
+        self._paused = True
         log.info("host %s: paused", self.alias)
 
     def unpause(self) -> None:
         """Resume a host frozen by `pause`."""
         self.container.unpause()
+        self._paused = False
         log.info("host %s: unpaused", self.alias)
 
     def stop(self, timeout: int = 5) -> None:
@@ -182,6 +188,7 @@ class HostFaults:
         if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 3600:
             raise ValueError(f"Invalid slow-start delay {delay!r}: expected seconds from 0 to 3600.")
         self._write_root_file(SLOW_START_RULES, f"{delay:g} {pattern}\n")
+        self._slow_start_set = True
         log.info("host %s: slow start of %r by %g s", self.alias, pattern, delay)
 
     def clear_slow_start(self) -> None:
@@ -189,7 +196,27 @@ class HostFaults:
         result = self.exec(["rm", "-f", SLOW_START_RULES])
         if result.exit_code != 0:
             raise OSError(f"Could not remove {SLOW_START_RULES} on host {self.alias}: {result.output}")
+        self._slow_start_set = False
         log.info("host %s: slow start cleared", self.alias)
+
+    def undo_faults(self) -> list[str]:
+        """Undo the faults set through this object that are still active; return their names.
+
+        Covers port listeners, slow start and pause. A stopped or killed host
+        cannot be brought back with the same port, so it is left as it is.
+        """
+        undone = []
+        # Unpause first, because docker exec fails in a paused container.
+        if self._paused:
+            self.unpause()
+            undone.append("pause")
+        if self._blockers:
+            self.release_ports()
+            undone.append("occupied ports")
+        if self._slow_start_set:
+            self.clear_slow_start()
+            undone.append("slow start")
+        return undone
 
     def _write_root_file(self, path: str, text: str) -> None:
         # put_archive copies bytes without a shell, so no quoting is involved.

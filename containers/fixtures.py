@@ -16,6 +16,7 @@ Tests that request one of these fixtures get the `docker` marker.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ import pytest
 
 if TYPE_CHECKING:
     from containers.hosts import HostGroup
+
+log = logging.getLogger(__name__)
 
 SESSION_HOST_COUNT = 3
 DOCKER_FIXTURES = frozenset({"ssh_hosts", "make_ssh_hosts", "ssh_backend"})
@@ -54,6 +57,19 @@ def ssh_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostGroup]:
         yield group
     finally:
         group.close()
+
+
+@pytest.fixture(autouse=True)
+def _undo_session_host_faults(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used `ssh_hosts`, undo faults it left on them, so later tests start clean."""
+    yield
+    if "ssh_hosts" not in request.fixturenames:
+        return
+    group = request.getfixturevalue("ssh_hosts")
+    for host in group.hosts:
+        undone = host.undo_faults()
+        if undone:
+            log.warning("test %s left %s on host %s; undone", request.node.nodeid, ", ".join(undone), host.alias)
 
 
 @pytest.fixture

@@ -84,6 +84,8 @@ class DockerHost(HostFaults):
     container: Any  # docker.models.containers.Container
     user: str
     _blockers: list[PortBlocker] = field(default_factory=list, repr=False)
+    _paused: bool = field(default=False, repr=False)
+    _slow_start_set: bool = field(default=False, repr=False)
 
     def exec(self, argv: Sequence[str], user: str = "root") -> ExecResult:
         """Run `argv` in the container with docker exec (no shell, no SSH) and return the result."""

@@ -439,6 +439,28 @@ def test_kill_host_cuts_open_connection(make_ssh_hosts) -> None:
     client.close()
 
 
+def test_undo_faults_restores_host(make_ssh_hosts) -> None:
+    group = make_ssh_hosts(1)
+    host = group[0]
+    blocker = host.occupy_port(45126)
+    host.set_slow_start("*", 30)
+    host.pause()
+
+    undone = host.undo_faults()
+
+    assert undone == ["pause", "occupied ports", "slow start"]
+    assert host.status() == "running"
+    assert host.occupied_ports() == []
+    assert not host.process_alive(blocker.pid)
+    assert host.exec(["test", "-e", "/etc/lazycluster-test/slow-start"]).exit_code == 1
+    client = login(group, host.alias)
+    started = time.monotonic()
+    assert run(client, "python3 -c pass")[0] == 0
+    assert time.monotonic() - started < 10
+    client.close()
+    assert host.undo_faults() == []
+
+
 # Cleanup on interrupt and signals.
 
 # Both children reset SIGINT to KeyboardInterrupt, because a shell without job
