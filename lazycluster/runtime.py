@@ -112,7 +112,8 @@ class Runtime(RuntimeTasksMixin):
         try:
             return get_backend().connect(self._host, self._connection_kwargs)
         except (TransportError, OSError) as error:
-            raise InvalidRuntimeError(self._host, f"connection failed: {error}", error) from error
+            reason = f"connection failed: {str(error).rstrip('.')}"
+            raise InvalidRuntimeError(self._host, reason, error) from error
 
     def _probe(self, timeout: float) -> dict[str, Any]:
         """Check in one round trip that python3 >= 3.8 runs on the host, and read the host info."""
@@ -122,7 +123,8 @@ class Runtime(RuntimeTasksMixin):
         except CommandTimeoutError as error:
             raise InvalidRuntimeError(self._host, f"the check timed out after {timeout:g} s", error) from error
         except (TransportError, OSError) as error:
-            raise InvalidRuntimeError(self._host, f"connection failed: {error}", error) from error
+            reason = f"connection failed: {str(error).rstrip('.')}"
+            raise InvalidRuntimeError(self._host, reason, error) from error
 
         if result.exit_code == 127:
             raise InvalidRuntimeError(self._host, "python3 was not found on the PATH")
@@ -148,9 +150,9 @@ class Runtime(RuntimeTasksMixin):
     def transport(self) -> Transport:
         """The transport to the host; after `cleanup()` a new connection is opened on use."""
         if self._closed:
-            logger.info("Reconnecting to host %s after cleanup", self._host)
-            self._transport = self._connect()
-            self._owns_transport = True
+            if self._owns_transport:
+                logger.info("Reconnecting to host %s after cleanup", self._host)
+                self._transport = self._connect()
             self._closed = False
             _live_runtimes.add(self)
         return self._transport
@@ -314,10 +316,14 @@ class Runtime(RuntimeTasksMixin):
         logger.info("Cleaning up runtime %s", self._host)
         _live_runtimes.discard(self)
 
+        # Stopped one by one because a shared transport (the manager's) is not
+        # closed below, and closing is what stops everything else.
         for key in list(self._processes):
             value = self._processes.pop(key)
             if isinstance(value, Tunnel):
                 value.close()
+            elif isinstance(value, RuntimeTask) and value.is_running:
+                value.stop()
 
         if self._temp_dirs:
             temp_dirs, self._temp_dirs = self._temp_dirs, []

@@ -366,3 +366,15 @@ def test_cleanup_at_interpreter_exit(backend, tmp_path):  # noqa: F811
     assert not [pid for pid in started["pids"] if _process_running(pid)]
     assert not os.path.exists(started["working_dir"])
     assert "Traceback" not in completed.stderr
+
+
+def test_cleanup_on_shared_manager_transport(backend):  # noqa: F811
+    runtime = Runtime("localhost", transport=backend.manager)
+    task = runtime.execute_task(RuntimeTask().run_command("sleep 600"), omit_on_join=True)
+    assert backend.manager.clock.wait_until(lambda: task._current_process is not None, 10)
+    process = task._current_process
+    runtime.cleanup()
+    assert process.poll() is not None
+    assert not any(process.is_alive for process in backend.manager.processes)
+    assert runtime.transport is backend.manager
+    assert backend.manager.run(["true"]).ok
