@@ -107,3 +107,11 @@ def test_plugin_module_imports_without_sim_loaded():
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "False"
+
+
+def test_guide_shows_the_example_that_runs():
+    guide = (REPOSITORY / "docs" / "simulator.md").read_text()
+    block = guide.split("```python\n")[-1].split("```")[0]
+    example_lines = set(EXAMPLE.read_text().splitlines())
+    missing = [line for line in block.splitlines() if line.strip() and line not in example_lines]
+    assert missing == [], "lines of the guide's example that the tested file lacks"
