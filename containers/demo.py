@@ -100,13 +100,17 @@ def check_word_count(client: Any) -> str:
     expected = dict(Counter(word for line in lines for word in line.split()))
     if counted != expected:
         raise AssertionError(f"Word count returned {counted}, expected {expected}.")
-    return f"{sum(counted.values())} words counted, {len(counted)} distinct (matches the local count)"
+    return (
+        f"{sum(counted.values())} words counted, {len(counted)} distinct (matches the local count)"
+    )
 
 
 def print_placement(cluster: Any, client: Any) -> None:
     """Print each worker's host, address and threads as the scheduler lists them."""
     registered = client.scheduler_info(n_workers=-1)["workers"]
-    print(f"\nScheduler {cluster.scheduler_address} on this machine; dashboard {cluster.dashboard_link}")
+    print(
+        f"\nScheduler {cluster.scheduler_address} on this machine; dashboard {cluster.dashboard_link}"
+    )
     for worker in sorted(cluster._worker_launcher.workers, key=lambda worker: worker.index):
         info = registered.get(f"tcp://127.0.0.1:{worker.port}", {})
         print(
@@ -164,7 +168,9 @@ def run(host_count: int, worker_count: int, timings: Timings) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hosts", type=int, default=3, help="number of SSH hosts to start (default 3)")
+    parser.add_argument(
+        "--hosts", type=int, default=3, help="number of SSH hosts to start (default 3)"
+    )
     parser.add_argument("--workers", type=int, default=6, help="number of Dask workers (default 6)")
     parser.add_argument("--verbose", action="store_true", help="log every lifecycle event at INFO")
     args = parser.parse_args(argv)

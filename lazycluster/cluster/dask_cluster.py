@@ -22,7 +22,10 @@ from typing import TYPE_CHECKING, Any
 from lazycluster.cluster.dask_commands import (
     LOOPBACK,
     PYTHON_ON_HOST,
+    bind_failed,
+    dashboard_port_in_log,
     scheduler_command,
+    scheduler_serves,
     tcp_address,
     worker_command,
 )
@@ -43,7 +46,7 @@ from lazycluster.cluster.runtime_cluster import (
     check_worker_count,
 )
 from lazycluster.cluster.versions import check_distributed_versions
-from lazycluster.exceptions import LazyclusterError
+from lazycluster.exceptions import LazyclusterError, PortInUseError
 from lazycluster.transport import ProcessHandle, Transport, validate_port
 
 if TYPE_CHECKING:
@@ -111,18 +114,41 @@ class LocalMasterLauncher(MasterLauncher):
         busy = find_busy_ports(
             [manager, *remote_transports(self._group)], [*candidates, *dashboard_candidates]
         )
-        remaining: list[int] = []
         if single:
             port = candidates[0]
             require_free_port(port, busy, self._group)
-        else:
-            [port], remaining = pick_free_ports(candidates, 1, busy)
-        dashboard = next(
-            (p for p in dashboard_candidates if p != port and p not in busy[manager.host]), None
-        )
+            self._launch(
+                manager,
+                port,
+                self._pick_dashboard(dashboard_candidates, busy, port),
+                timeout_seconds,
+            )
+            return []
 
-        self._launch(manager, port, dashboard, timeout_seconds)
-        return remaining
+        pending = candidates
+        while True:
+            [port], remaining = pick_free_ports(pending, 1, busy)
+            dashboard = self._pick_dashboard(dashboard_candidates, busy, port)
+            try:
+                self._launch(manager, port, dashboard, timeout_seconds)
+                return remaining
+            except PortInUseError:
+                logger.info(
+                    "Port %d on host %s was taken during the scheduler start; trying the next port",
+                    port,
+                    manager.host,
+                )
+                pending = remaining
+
+    def _pick_dashboard(
+        self, candidates: list[int], busy: dict[str, set[int]], port: int
+    ) -> int | None:
+        """Return the first dashboard candidate free on the manager, other than `port`."""
+        used = busy[self.manager.host]
+        return next(
+            (candidate for candidate in candidates if candidate != port and candidate not in used),
+            None,
+        )
 
     def _launch(self, manager: Transport, port: int, dashboard: int | None, timeout: float) -> None:
         started_at = manager.clock.monotonic()
@@ -130,12 +156,14 @@ class LocalMasterLauncher(MasterLauncher):
         self._port, self._dashboard_port = port, dashboard
         try:
             self._wait_until_listening(manager, self._process, port, timeout)
+            if dashboard is not None:
+                self._dashboard_port = dashboard_port_in_log(self._process.read_log()) or dashboard
             logger.info(
                 "Scheduler started on host %s at %s in %.1f s (dashboard port %s)",
                 manager.host,
                 tcp_address(port),
                 manager.clock.monotonic() - started_at,
-                dashboard,
+                self._dashboard_port,
             )
             self._expose_to_runtimes(manager, port)
         except BaseException:
@@ -146,24 +174,37 @@ class LocalMasterLauncher(MasterLauncher):
     def _wait_until_listening(
         manager: Transport, process: ProcessHandle, port: int, timeout: float
     ) -> None:
-        """Wait until the scheduler listens or exits; raise MasterStartError unless it listens."""
+        """Wait until the scheduler serves at `port` or exits.
 
-        def listening_or_exited() -> bool:
-            return not process.is_alive or port in manager.ports_in_use([port])
+        Serving means: its port is in use on the manager and its log says it
+        serves there, so a program that took the port first does not count.
+        Raises PortInUseError when the port was taken before the scheduler
+        could bind it, and MasterStartError for every other failure.
+        """
 
-        # NOTE: a program that takes the port between the port check and the
-        # scheduler's bind also passes this check. The scheduler then exits, and
-        # the workers fail to register.
-        manager.clock.wait_until(listening_or_exited, timeout)
+        def serves() -> bool:
+            return port in manager.ports_in_use([port]) and scheduler_serves(
+                process.read_log(), port
+            )
+
+        def serving_or_exited() -> bool:
+            return not process.is_alive or serves()
+
+        manager.clock.wait_until(serving_or_exited, timeout)
 
         code = process.poll()
+        if code is None and serves():
+            return
+        tail = read_tail(process)
+        if code is not None and bind_failed(tail):
+            raise PortInUseError(
+                port, where=f"host {manager.host!r}, taken while the scheduler started"
+            )
         if code is not None:
             cause = f"the scheduler exited with code {code}"
-        elif port not in manager.ports_in_use([port]):
-            cause = f"the scheduler did not listen within {timeout:g} s"
         else:
-            return
-        raise MasterStartError(manager.host, port, f"{cause}. Last log lines:\n{read_tail(process)}")
+            cause = f"the scheduler did not listen within {timeout:g} s"
+        raise MasterStartError(manager.host, port, f"{cause}. Last log lines:\n{tail}")
 
     def _expose_to_runtimes(self, manager: Transport, port: int) -> None:
         """Forward the scheduler port to every remote runtime, one request per host in parallel."""
@@ -228,7 +269,9 @@ class RoundRobinLauncher(WorkerLauncher):
 
             manager = self.manager
             busy = find_busy_ports([manager, *remote_transports(self._group)], candidates)
-            chosen, remaining = pick_free_ports(candidates, worker_count, busy, exclude=[master_port])
+            chosen, remaining = pick_free_ports(
+                candidates, worker_count, busy, exclude=[master_port]
+            )
             placement = [
                 (index, runtimes[index % len(runtimes)], port)
                 for index, port in enumerate(chosen, start=self._next_index)
@@ -382,7 +425,9 @@ class DaskCluster(MasterWorkerCluster):
 
         address = self.scheduler_address
         if address is None:
-            raise LazyclusterError("The Dask cluster is not started. Call start() before get_client().")
+            raise LazyclusterError(
+                "The Dask cluster is not started. Call start() before get_client()."
+            )
         try:
             client = Client(address, timeout=timeout)
         except OSError as error:

@@ -9,6 +9,7 @@ it through SSH tunnels.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -18,6 +19,11 @@ from lazycluster.host_commands import PYTHON_EXECUTABLE
 PYTHON_ON_HOST = PYTHON_EXECUTABLE
 
 LOOPBACK = "127.0.0.1"
+
+# Preload file that closes the scheduler when the manager process is gone.
+SCHEDULER_WATCHDOG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "scheduler_watchdog.py"
+)
 
 # distributed 2026.8 logs this INFO line on the scheduler when a worker joins;
 # the address is the worker's contact address.
@@ -39,11 +45,14 @@ def scheduler_command(port: int, dashboard_port: int | None) -> list[str]:
         LOOPBACK,
         "--port",
         str(port),
+        "--preload",
+        SCHEDULER_WATCHDOG,
     ]
+    # Without a dashboard the scheduler of distributed 2026.8 still serves /health
+    # and /metrics, by default on 0.0.0.0:8787, so the address is always given.
+    argv += ["--dashboard-address", f"{LOOPBACK}:{dashboard_port or 0}"]
     if dashboard_port is None:
         argv.append("--no-dashboard")
-    else:
-        argv += ["--dashboard-address", f"{LOOPBACK}:{dashboard_port}"]
     return argv
 
 
@@ -84,6 +93,26 @@ def worker_command(
         "--death-timeout",
         f"{death_timeout:g}",
     ]
+
+
+def scheduler_serves(scheduler_log: str, port: int) -> bool:
+    """Return whether the scheduler log shows it serving at loopback `port`."""
+    return re.search(rf"Scheduler at:\s+tcp://127\.0\.0\.1:{port}\b", scheduler_log) is not None
+
+
+def dashboard_port_in_log(scheduler_log: str) -> int | None:
+    """Return the port of the scheduler's HTTP server from its log, or None before it is logged.
+
+    distributed takes a random port when the requested one is in use, so the
+    log, not the request, tells where the dashboard is.
+    """
+    match = re.search(r"dashboard at:\s+http://127\.0\.0\.1:(\d+)/", scheduler_log)
+    return int(match.group(1)) if match else None
+
+
+def bind_failed(process_log: str) -> bool:
+    """Return whether a Dask process log shows that its port was taken (EADDRINUSE)."""
+    return "Address already in use" in process_log
 
 
 def registered_worker_ports(scheduler_log: str) -> set[int]:

@@ -1,8 +1,8 @@
 """Errors of the cluster layer, below `lazycluster.exceptions.LazyclusterError`.
 
-    LazyclusterError
-     ├── MasterStartError     the master (Dask scheduler) did not come up
-     └── WorkerStartError     one or more workers did not come up
+LazyclusterError
+ ├── MasterStartError     the master (Dask scheduler) did not come up
+ └── WorkerStartError     one or more workers did not come up
 """
 
 from __future__ import annotations

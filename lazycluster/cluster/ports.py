@@ -38,7 +38,9 @@ def validate_port_list(ports: Any, name: str = "ports") -> list[int]:
     return [validate_port(port, f"port in {name}") for port in ports]
 
 
-def find_busy_ports(transports: Sequence[Transport], candidates: Iterable[int]) -> dict[str, set[int]]:
+def find_busy_ports(
+    transports: Sequence[Transport], candidates: Iterable[int]
+) -> dict[str, set[int]]:
     """Return, per host, which of `candidates` are in use: one request per host, in parallel."""
     unique = sorted(set(candidates))
     if not unique or not transports:

@@ -57,7 +57,9 @@ def wait_for_registration(
 
         codes = clock.map(lambda worker: worker.process.poll(), list(pending.values()))
         exited.extend(
-            (worker, code) for worker, code in zip(pending.values(), codes, strict=True) if code is not None
+            (worker, code)
+            for worker, code in zip(pending.values(), codes, strict=True)
+            if code is not None
         )
         return bool(exited)
 
@@ -72,7 +74,9 @@ def wait_for_registration(
             f"Last log lines:\n{read_tail(scheduler)}",
         )
     if exited:
-        raise WorkerStartError(failure_of(worker, f"exited with code {code}") for worker, code in exited)
+        raise WorkerStartError(
+            failure_of(worker, f"exited with code {code}") for worker, code in exited
+        )
     if pending:
         reason = f"did not register with the scheduler within {timeout:g} s"
         raise WorkerStartError(failure_of(worker, reason) for worker in pending.values())

@@ -181,7 +181,10 @@ class WorkerLauncher(ABC):
 
         def open_on(host: str) -> None:
             transport = transports[host]
-            for kind, pairs in (("local", plan[host].local_pairs), ("remote", plan[host].remote_pairs)):
+            for kind, pairs in (
+                ("local", plan[host].local_pairs),
+                ("remote", plan[host].remote_pairs),
+            ):
                 if not pairs:
                     continue
                 forward = transport.forward_local if kind == "local" else transport.forward_remote
@@ -271,7 +274,9 @@ class MasterWorkerCluster(RuntimeCluster):
         including, DEFAULT_PORT_RANGE_END.
         """
         if runtime_group is None:
-            raise ValueError("Invalid runtime_group None: pass the RuntimeGroup to start the cluster in.")
+            raise ValueError(
+                "Invalid runtime_group None: pass the RuntimeGroup to start the cluster in."
+            )
         self._group = runtime_group
         if ports is None:
             ports = list(range(self.DEFAULT_PORT_RANGE_START, self.DEFAULT_PORT_RANGE_END))
@@ -358,7 +363,9 @@ class MasterWorkerCluster(RuntimeCluster):
     def start_workers(self, count: int | None = None, debug: bool = False) -> None:
         """Start `count` workers (default: one per runtime) attached to the running master."""
         if self.master_port is None:
-            raise LazyclusterError("The master is not running. Call start_master() before start_workers().")
+            raise LazyclusterError(
+                "The master is not running. Call start_master() before start_workers()."
+            )
         if count is None:
             count = self._group.runtime_count
         check_worker_count(count)
@@ -398,6 +405,4 @@ class MasterWorkerCluster(RuntimeCluster):
         return self
 
     def __repr__(self) -> str:
-        return (
-            f"<{type(self).__name__} hosts={self._group.hosts!r} master_port={self.master_port}>"
-        )
+        return f"<{type(self).__name__} hosts={self._group.hosts!r} master_port={self.master_port}>"

@@ -29,7 +29,9 @@ def stop_processes(handles: Sequence[ProcessHandle], clock: Clock, role: str = "
             if handle.poll() is not None:
                 return
             code = handle.stop(grace=STOP_GRACE)
-            logger.info("Stopped %s on host %s (pid %d, exit code %s)", role, handle.host, handle.pid, code)
+            logger.info(
+                "Stopped %s on host %s (pid %d, exit code %s)", role, handle.host, handle.pid, code
+            )
         except Exception as error:  # cleanup goes on with the other processes
             logger.warning(
                 "Failed to stop %s on host %s (pid %d): %s", role, handle.host, handle.pid, error

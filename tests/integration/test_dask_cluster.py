@@ -37,7 +37,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def worker_hosts(cluster: DaskCluster) -> Counter[str]:
-    return Counter({host: len(ports) for host, ports in cluster._worker_launcher.ports_per_host.items()})
+    return Counter(
+        {host: len(ports) for host, ports in cluster._worker_launcher.ports_per_host.items()}
+    )
 
 
 def registered_workers(cluster: DaskCluster) -> dict[str, Any]:
@@ -107,7 +109,9 @@ def test_default_start_one_worker_per_host(group: RuntimeGroup, ssh_hosts: Any) 
         assert cluster.dashboard_link is not None
         assert_loopback_only(cluster, ssh_hosts)
         master_port = cluster.master_port
-        worker_ports = [p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports]
+        worker_ports = [
+            p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports
+        ]
         assert master_port not in worker_ports
         assert all(port in range(60001, 60200) for port in worker_ports)
     finally:
@@ -155,7 +159,10 @@ def test_rechunk_moves_data_between_workers(group: RuntimeGroup) -> None:
 
         assert total == (400 * 400 - 1) * 400 * 400 // 2
         transfers = [
-            part for record in stream.data for part in record["startstops"] if part["action"] == "transfer"
+            part
+            for record in stream.data
+            for part in record["startstops"]
+            if part["action"] == "transfer"
         ]
         assert transfers, "no task fetched data from another worker"
         ran_on = {record["worker"] for record in stream.data}
@@ -204,7 +211,9 @@ def test_default_master_port_taken_falls_back_to_list(group: RuntimeGroup, ssh_h
 
     with DaskCluster(group, ports=ports) as cluster:
         assert cluster.master_port == ports[1]
-        worker_ports = sorted(p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports)
+        worker_ports = sorted(
+            p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports
+        )
         assert worker_ports == ports[2:5]
         assert cluster.ports == ports[5:]
 
@@ -266,9 +275,18 @@ from lazycluster.group import RuntimeGroup
 
 cluster = DaskCluster(RuntimeGroup(hosts=sys.argv[1:]), ports=list(range(29460, 29480)))
 cluster.start(master_port=29459)
-print("ready", flush=True)
+print("ready", cluster._master_launcher.process.pid, flush=True)
 sys.stdin.read()
 """
+
+
+def process_running(pid: int) -> bool:
+    """Return whether `pid` exists and is not a zombie waiting for its parent."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_workers_exit_after_manager_is_killed(ssh_backend: Any, ssh_hosts: Any) -> None:
@@ -282,9 +300,16 @@ def test_workers_exit_after_manager_is_killed(ssh_backend: Any, ssh_hosts: Any) 
     )
     try:
         assert manager.stdout is not None
-        assert manager.stdout.readline().strip() == b"ready"
+        word, scheduler_pid = manager.stdout.readline().split()
+        assert word == b"ready"
         os.killpg(manager.pid, signal.SIGKILL)
         manager.wait(timeout=10)
+
+        # The scheduler runs in a session of its own, so the kill did not reach it.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process_running(int(scheduler_pid)):
+            time.sleep(0.5)
+        assert not process_running(int(scheduler_pid)), "the scheduler outlived the manager"
 
         deadline = time.monotonic() + 90
         leftovers = [host.leftovers(temp_pattern="no-such-path") for host in ssh_hosts]

@@ -10,8 +10,10 @@ cover the real tunnels.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -20,7 +22,12 @@ from pathlib import Path
 import pytest
 
 from lazycluster.cluster import MasterStartError, WorkerStartError
-from lazycluster.cluster.dask_cluster import DaskCluster, LocalMasterLauncher, RoundRobinLauncher
+from lazycluster.cluster.dask_cluster import (
+    DASHBOARD_PORTS,
+    DaskCluster,
+    LocalMasterLauncher,
+    RoundRobinLauncher,
+)
 from lazycluster.exceptions import (
     LazyclusterError,
     NoPortsLeftError,
@@ -196,7 +203,6 @@ def test_exhausted_port_list_raises_before_starting(
 def test_master_launcher_list_returns_rest(backend: HostsBackend, group: RuntimeGroup) -> None:
     launcher = LocalMasterLauncher(group)
     with take_port(PORTS[0]):
-
         remaining = launcher.start(PORTS[:5], timeout=30)
     try:
         assert launcher.port == PORTS[1]
@@ -381,3 +387,39 @@ def test_start_twice_keeps_running_cluster(backend: HostsBackend, group: Runtime
 
         assert cluster.master_port is not None
         assert len(cluster.get_client().scheduler_info(n_workers=-1)["workers"]) == 2
+
+
+def listening_addresses_of(pid: int) -> list[str]:
+    """Return the local address:port of every listening TCP socket of process `pid`."""
+    rows = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return [row.split()[3] for row in rows.splitlines() if f"pid={pid}," in row]
+
+
+def test_scheduler_without_dashboard_listens_on_loopback(
+    backend: HostsBackend, group: RuntimeGroup
+) -> None:
+    launcher = LocalMasterLauncher(group)
+    with contextlib.ExitStack() as taken:
+        for port in DASHBOARD_PORTS:
+            with contextlib.suppress(OSError):  # a port in use elsewhere is just as taken
+                taken.enter_context(take_port(port))
+
+        launcher.start(MASTER_PORT, timeout=30)
+    try:
+        assert launcher.dashboard_port is None
+        addresses = listening_addresses_of(launcher.process.pid)  # type: ignore[union-attr]
+        assert f"127.0.0.1:{MASTER_PORT}" in addresses
+        assert [a for a in addresses if not a.startswith("127.0.0.1:")] == []
+    finally:
+        launcher.cleanup()
+
+
+def test_scheduler_with_dashboard_listens_on_loopback(
+    backend: HostsBackend, group: RuntimeGroup
+) -> None:
+    with DaskCluster(group, ports=PORTS) as cluster:
+        link = cluster.dashboard_link
+        assert link is not None and link.startswith("http://127.0.0.1:")
+        addresses = listening_addresses_of(cluster._master_launcher.process.pid)  # type: ignore[union-attr]
+        assert link.removeprefix("http://").removesuffix("/status") in addresses
+        assert [a for a in addresses if not a.startswith("127.0.0.1:")] == []

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import sim
 from lazycluster.cluster import MasterStartError, WorkerStartError
-from lazycluster.cluster.dask_cluster import DaskCluster
+from lazycluster.cluster.dask_cluster import DaskCluster, LocalMasterLauncher
 from lazycluster.exceptions import NoPortsLeftError, PortInUseError, VersionMismatchError
 from lazycluster.group import RuntimeGroup
 from lazycluster.transport import use_backend
@@ -107,7 +107,9 @@ def test_tunnels_are_batched_per_host() -> None:
 
             for host in network.hosts:
                 kinds = Counter(
-                    event.kind for event in network.trace if event.host == host and event.kind.startswith("forward_")
+                    event.kind
+                    for event in network.trace
+                    if event.host == host and event.kind.startswith("forward_")
                 )
                 # One remote batch for the scheduler and one per start_workers call.
                 assert kinds["forward_remote"] == 3
@@ -133,7 +135,12 @@ def test_default_master_port_taken_uses_list() -> None:
     with simulated_group(network) as group:
         with DaskCluster(group, ports=PORTS) as cluster:
             assert cluster.master_port == PORTS[0]
-            assert sorted(p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports) == PORTS[1:3]
+            assert (
+                sorted(
+                    p for ports in cluster._worker_launcher.ports_per_host.values() for p in ports
+                )
+                == PORTS[1:3]
+            )
 
 
 def test_master_timeout_is_bounded() -> None:
@@ -193,3 +200,42 @@ def test_cleanup_twice_leaves_network_clean() -> None:
 
         assert network.processes() == []
         assert network.open_tunnels() == []
+
+
+def hold_port_when_scheduler_starts(network: sim.Network, port: int) -> None:
+    """Let a foreign process take `port` on the manager just after the scheduler process starts."""
+
+    def take_port_soon() -> None:
+        network.hold_port(network.manager.name, port)
+
+    network.set_start_delay("scheduler", 2.0)
+    network.clock.schedule(0.5, take_port_soon)
+
+
+def test_master_port_taken_during_start_tries_next() -> None:
+    network = sim.Network(2, seed=8)
+
+    with simulated_group(network) as group:
+        launcher = LocalMasterLauncher(group)
+        hold_port_when_scheduler_starts(network, PORTS[0])
+
+        remaining = launcher.start(PORTS[:4], timeout=10)
+
+        assert launcher.port == PORTS[1]
+        assert remaining == PORTS[2:4]
+        launcher.cleanup()
+        network.release_port(network.manager.name, PORTS[0])
+
+
+def test_single_master_port_taken_during_start_raises() -> None:
+    network = sim.Network(2, seed=9)
+
+    with simulated_group(network) as group:
+        launcher = LocalMasterLauncher(group)
+        hold_port_when_scheduler_starts(network, PORTS[0])
+
+        with pytest.raises(PortInUseError, match="taken while the scheduler started"):
+            launcher.start(PORTS[0], timeout=10)
+
+        assert launcher.port is None
+        network.release_port(network.manager.name, PORTS[0])
