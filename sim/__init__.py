@@ -39,14 +39,21 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from sim.clock import VirtualClock
-    from sim.commands import Call
-    from sim.faults import Fault, FaultPlan
-    from sim.host import ForeignHolder, SimHost
-    from sim.network import Network, TraceEvent
-    from sim.process import Program, SimProcess
-    from sim.programs import DaskScheduler, DaskWorker
-    from sim.transport import SimProcessHandle, SimTransport, SimTunnel
+    from sim.clock import VirtualClock as VirtualClock
+    from sim.commands import Call as Call
+    from sim.faults import Fault as Fault
+    from sim.faults import FaultPlan as FaultPlan
+    from sim.host import ForeignHolder as ForeignHolder
+    from sim.host import SimHost as SimHost
+    from sim.network import Network as Network
+    from sim.network import TraceEvent as TraceEvent
+    from sim.process import Program as Program
+    from sim.process import SimProcess as SimProcess
+    from sim.programs import DaskScheduler as DaskScheduler
+    from sim.programs import DaskWorker as DaskWorker
+    from sim.transport import SimProcessHandle as SimProcessHandle
+    from sim.transport import SimTransport as SimTransport
+    from sim.transport import SimTunnel as SimTunnel
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,7 @@ import posixpath
 from typing import TYPE_CHECKING
 
 from sim.commands import Call, Handler, is_python
+from sim.host import TMP_DIR
 
 if TYPE_CHECKING:
     from sim.host import SimHost
@@ -149,7 +150,7 @@ def mktemp(call: Call) -> int:
         if word in ("-d", "--directory"):
             directory_wanted = True
         elif word in ("-t", "--tmpdir"):
-            parent = call.env.get("TMPDIR", "/tmp")
+            parent = call.env.get("TMPDIR", TMP_DIR)
         elif word == "-p" and index + 1 < len(args):
             index += 1
             parent = args[index]
@@ -160,7 +161,7 @@ def mktemp(call: Call) -> int:
         index += 1
     if template is None:
         template = "tmp.XXXXXXXXXX"
-        parent = parent or call.env.get("TMPDIR", "/tmp")
+        parent = parent or call.env.get("TMPDIR", TMP_DIR)
     stem = template.rstrip("X")
     width = len(template) - len(stem)
     if width < 3:

@@ -170,7 +170,7 @@ def parse_shell(text: str) -> list[tuple[str, list[str]]]:
     lexer.whitespace_split = True
     lexer.commenters = ""
     commands: list[tuple[str, list[str]]] = []
-    operator, words = ";", []
+    operator, words = ";", list[str]()
     for token in lexer:
         if token in CONTROL_OPERATORS:
             commands.append((operator, words))

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 
+# The temporary directory of every simulated host; a path in the simulated file system only.
+TMP_DIR = "/tmp"  # noqa: S108
+
 # Executables every simulated host has unless a test says otherwise.
 DEFAULT_EXECUTABLES = frozenset(
     {"sh", "bash", "python3", "echo", "true", "false", "sleep", "mkdir", "rm", "mktemp", "cat", "which"}
@@ -44,7 +47,7 @@ class SimFileSystem:
         self.home = home
         self.files: dict[str, tuple[bytes, int]] = {}
         self.directories: set[str] = {"/"}
-        for path in ("/tmp", home):
+        for path in (TMP_DIR, home):
             self.make_directory(path, parents=True)
 
     def resolve(self, path: str, cwd: str | None = None) -> str:
@@ -119,7 +122,7 @@ class SimFileSystem:
         found += [p for p in self.directories if p.startswith(prefix)]
         return sorted(found)
 
-    def make_temp_directory(self, rng: random.Random, parent: str = "/tmp", prefix: str = "tmp.") -> str:
+    def make_temp_directory(self, rng: random.Random, parent: str = TMP_DIR, prefix: str = "tmp.") -> str:
         """Create a new directory with a random name like mktemp -d; return its path."""
         alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
         while True:

@@ -19,7 +19,7 @@ from sim.builtins import find_builtin
 from sim.clock import VirtualClock
 from sim.commands import Call, Handler
 from sim.faults import Fault, FaultInjector, FaultPlan
-from sim.host import ForeignHolder, SimHost
+from sim.host import TMP_DIR, ForeignHolder, SimHost
 from sim.process import SIGKILL, Program, SimProcess
 from sim.programs import match_dask
 from sim.transport import TEMP_PREFIX, SimTransport, SimTunnel
@@ -76,7 +76,7 @@ class Network(Backend):
     ) -> None:
         self.seed = seed
         self.random = random.Random(seed)
-        self.clock = clock or VirtualClock()
+        self.clock: VirtualClock = clock or VirtualClock()
         self.trace: list[TraceEvent] = []
         self.faults = FaultInjector(self)
         self.manager = SimHost(manager)
@@ -282,7 +282,7 @@ class Network(Backend):
         for transport in list(self._connections.get(name, [])):
             if not transport._lost:
                 transport._drop("host restarted")
-        for path in host.fs.under("/tmp"):
+        for path in host.fs.under(TMP_DIR):
             if host.fs.exists(path):
                 host.fs.remove(path, recursive=True)
 
@@ -325,7 +325,7 @@ class Network(Backend):
         return sorted(
             path
             for path in fs.directories
-            if path.startswith("/tmp/" + TEMP_PREFIX) and path.count("/") == 2 and path != backend_owned
+            if path.startswith(f"{TMP_DIR}/{TEMP_PREFIX}") and path.count("/") == 2 and path != backend_owned
         )
 
     def leftovers(self) -> list[str]:

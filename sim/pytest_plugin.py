@@ -17,7 +17,7 @@ the plugin never fails, even in projects that never use the simulator.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -77,18 +77,19 @@ def sim_group(sim_network: Network) -> Iterator[Any]:
         group.cleanup()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
     network = getattr(item, "_sim_network", None)
-    if network is None or not report.failed:
-        return
-    report.sections.append(
-        (
-            "lazycluster simulator",
-            f"Replay with: {network.describe()}\n"
-            f"Last {TRACE_LINES_IN_REPORT} trace events:\n"
-            f"{network.format_trace(last=TRACE_LINES_IN_REPORT)}",
+    if network is not None and report.failed:
+        report.sections.append(
+            (
+                "lazycluster simulator",
+                f"Replay with: {network.describe()}\n"
+                f"Last {TRACE_LINES_IN_REPORT} trace events:\n"
+                f"{network.format_trace(last=TRACE_LINES_IN_REPORT)}",
+            )
         )
-    )
+    return report

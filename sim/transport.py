@@ -31,7 +31,9 @@ from lazycluster.transport.base import (
 )
 from lazycluster.transport.forwarding import NoOpTunnel
 from lazycluster.transport.shell import validate_env
+from sim.clock import VirtualClock
 from sim.commands import CommandProgram, CommandRunner, CommandTimedOut
+from sim.host import TMP_DIR
 from sim.process import SIGKILL, SIGTERM, SimProcess
 
 if TYPE_CHECKING:
@@ -62,8 +64,8 @@ class SimTunnel(Tunnel):
         self.listen_port = listen_port
         self.target_port = target_port
 
-    @property  # type: ignore[override]
-    def host(self) -> str:
+    @property
+    def host(self) -> str:  # type: ignore[override]
         return self.transport.host
 
     @property
@@ -148,7 +150,7 @@ class SimTransport(Transport):
         self.network = network
         self.sim_host = sim_host
         self.host = sim_host.name
-        self.clock = network.clock
+        self.clock: VirtualClock = network.clock
         self.is_local = is_local
         self._boot = sim_host.boot_count
         self._closed = False
@@ -275,7 +277,7 @@ class SimTransport(Transport):
     def _ensure_log_dir(self) -> str:
         if self._log_dir is None or not self.sim_host.fs.is_dir(self._log_dir):
             self._log_dir = self.sim_host.fs.make_temp_directory(
-                self.network.random, "/tmp", f"{TEMP_PREFIX}-logs-"
+                self.network.random, TMP_DIR, f"{TEMP_PREFIX}-logs-"
             )
         return self._log_dir
 
@@ -375,7 +377,7 @@ class SimTransport(Transport):
         if self.is_local:
             return self._forward_on_manager(kind, pairs)
         tunnels = [SimTunnel(self, kind, listen, target) for listen, target in pairs]
-        table.update(zip((listen for listen, _ in pairs), tunnels))
+        table.update(zip((listen for listen, _ in pairs), tunnels, strict=True))
         self._tunnels.extend(tunnels)
         self.network.record(self.host, f"forward_{kind}", f"{len(tunnels)} tunnels")
         return list(tunnels)

@@ -18,7 +18,6 @@ from lazycluster.cluster.exceptions import WorkerStartError
 from lazycluster.transport import use_backend
 from sim.strategies import networks
 
-
 # --- the downstream code under test ------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import pytest
 import sim
 from lazycluster import host_commands
 from lazycluster.exceptions import CommandTimeoutError
+from sim.host import TMP_DIR
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_shell_pipe_is_not_supported(network):
 def test_mkdir_rm_mktemp(network):
     transport = network.connect("h1")
     path = transport.run(host_commands.make_temp_dir()).stdout.strip()
-    assert path.startswith("/tmp/lazycluster-")
+    assert path.startswith(f"{TMP_DIR}/lazycluster-")
     assert network.host("h1").fs.is_dir(path)
 
     assert transport.run(host_commands.make_dir(f"{path}/a/b")).exit_code == 0

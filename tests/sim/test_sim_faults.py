@@ -16,6 +16,7 @@ from lazycluster.exceptions import (
     PortInUseError,
 )
 from lazycluster.transport import use_backend
+from sim.host import TMP_DIR
 
 
 @pytest.fixture
@@ -253,7 +254,7 @@ def test_restart_ends_processes_and_connections(network):
 
     assert handle.process.exit_code == 128 + 9
     assert network.listening_ports("h1") == {}
-    assert network.files("h1", "/tmp") == []
+    assert network.files("h1", TMP_DIR) == []
     with pytest.raises(ConnectionLostError, match="restarted"):
         transport.run(["true"])
     assert network.connect("h1").run(["true"]).ok

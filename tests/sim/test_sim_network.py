@@ -68,7 +68,7 @@ def test_hold_port_twice_raises(network):
 
 def test_queries_list_processes_ports_tunnels_files(network):
     transport = network.connect("h2")
-    handle = transport.start_process(["sleep", "100"], log_path="/tmp/q/sleep.log")
+    handle = transport.start_process(["sleep", "100"], log_path="/var/q/sleep.log")
     tunnel = transport.forward_remote([(7000, 8000)])[0]
 
     assert [process.pid for process in network.processes("h2")] == [handle.pid]
@@ -76,7 +76,7 @@ def test_queries_list_processes_ports_tunnels_files(network):
     assert network.listening_ports("h2") == {7000: tunnel}
     assert network.open_tunnels("h2") == [tunnel]
     assert network.open_tunnels("h3") == []
-    assert network.files("h2", "/tmp/q") == ["/tmp/q/sleep.log"]
+    assert network.files("h2", "/var/q") == ["/var/q/sleep.log"]
 
     handle.stop()
     assert network.processes("h2") == []

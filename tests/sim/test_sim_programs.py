@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 import sim
-from lazycluster.cluster.dask_commands import registered_worker_ports, scheduler_command, worker_command
+from lazycluster.cluster.dask_commands import (
+    registered_worker_ports,
+    scheduler_command,
+    worker_command,
+)
 
 SCHEDULER_PORT = 8786
 

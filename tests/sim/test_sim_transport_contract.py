@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 
@@ -188,7 +187,7 @@ def test_read_log_max_lines(world):
 
 
 def test_start_process_env_and_log_path(world, tmp_path):
-    log_dir = str(tmp_path) if isinstance(world.transport, LocalTransport) else "/tmp/contract"
+    log_dir = str(tmp_path) if isinstance(world.transport, LocalTransport) else "/var/contract"
     handle = world.transport.start_process(
         "echo $COLOR", env={"COLOR": "blue"}, log_path=f"{log_dir}/sub/out.log"
     )
