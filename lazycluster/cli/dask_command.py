@@ -33,7 +33,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-# SIGHUP comes when the terminal closes; the cluster should not outlive it.
+# A terminal sends SIGHUP when it closes, and the cluster should not outlive it.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 

@@ -165,6 +165,7 @@ def test_list_runtimes_all_active(ssh_hosts: Any) -> None:
     assert lines[0] == f"Active runtimes ({len(ssh_hosts.aliases)}):"
     assert sorted(lines[1:]) == [f"  {alias}" for alias in sorted(ssh_hosts.aliases)]
     assert "Inactive" not in result.stdout
+    assert_nothing_left(ssh_hosts)
 
 
 def test_list_runtimes_long_table(ssh_hosts: Any) -> None:
