@@ -473,6 +473,10 @@ from containers.hosts import start_hosts
 print(cleanup.RUN_ID, flush=True)
 start_hosts(3, image=sys.argv[1], ready_timeout=120)
 print("started", flush=True)
+# Wait for the signal, so that a start that beats the signal still exits by it
+# and atexit has to remove the containers.
+import threading
+threading.Event().wait()
 """
 
 
@@ -514,7 +518,8 @@ def test_ctrl_c_on_pytest_during_start_leaves_no_container(ssh_hosts: HostGroup)
     run_id = uuid.uuid4().hex
     label = f"{cleanup.RUN_LABEL}={run_id}"
     process = subprocess.Popen(
-        [sys.executable, "-c", _PYTEST_SCRIPT, "tests/integration/test_hosts.py::test_root_login_by_key"],
+        # A test that runs at least 3 s, so the signal arrives before pytest ends.
+        [sys.executable, "-c", _PYTEST_SCRIPT, "tests/integration/test_hosts.py::test_slow_start_delays_matching_command"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         env={**os.environ, "LAZYCLUSTER_TEST_RUN_ID": run_id},
     )
