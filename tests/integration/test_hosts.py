@@ -481,7 +481,7 @@ threading.Event().wait()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_during_start_leaves_no_container(ssh_hosts: HostGroup, signum: int) -> None:
+def test_signal_during_start(ssh_hosts: HostGroup, signum: int) -> None:
     image = build_image()
     process = subprocess.Popen(
         [sys.executable, "-c", _START_SCRIPT, image],
@@ -513,7 +513,7 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", sys.argv[1]]))
 """
 
 
-def test_ctrl_c_on_pytest_during_start_leaves_no_container(ssh_hosts: HostGroup) -> None:
+def test_pytest_interrupted_during_start(ssh_hosts: HostGroup) -> None:
     build_image()
     run_id = uuid.uuid4().hex
     label = f"{cleanup.RUN_LABEL}={run_id}"
