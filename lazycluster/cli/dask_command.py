@@ -107,7 +107,7 @@ def _start(cluster: Any, args: argparse.Namespace) -> None:
 
 
 def _wait_until_stopped(launcher: Any) -> None:
-    """Block until Ctrl-C or SIGTERM raises KeyboardInterrupt.
+    """Block until a stop signal (Ctrl-C, SIGTERM, SIGHUP) raises KeyboardInterrupt.
 
     Raises SchedulerExitedError when the scheduler process exits first.
     """
@@ -124,7 +124,7 @@ def _wait_until_stopped(launcher: Any) -> None:
 
 
 def run_dask(args: argparse.Namespace) -> int:
-    """Start the cluster, print its addresses and keep it up until Ctrl-C or SIGTERM."""
+    """Start the cluster, print its addresses and keep it up until Ctrl-C, SIGTERM or SIGHUP."""
     from lazycluster.cluster.dask_cluster import DaskCluster, LocalMasterLauncher
 
     path = use_ssh_config(args.ssh_config)

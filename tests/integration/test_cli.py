@@ -233,6 +233,8 @@ def test_list_runtimes_malformed_config(ssh_hosts: Any, tmp_path: Path) -> None:
 def test_added_runtime_is_listed(ssh_hosts: Any, tmp_path: Path) -> None:
     # add-runtime writes an entry that the library can use: a copy of the first
     # host's entry under a new name, built from its HostName and Port.
+    if shutil.which("ssh") is None:
+        pytest.skip("the OpenSSH client is not installed")
     config = tmp_path / "config"
     config.write_text(ssh_hosts.ssh_config_path.read_text())
     first = ssh_hosts[0]
