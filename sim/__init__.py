@@ -9,8 +9,8 @@
     network.assert_clean()
 
 See docs/simulator.md for the guide. The names below load on first use, so
-that importing the pytest plugin (`sim.pytest_plugin`) stays cheap and never
-fails because of the rest of the package.
+importing the pytest plugin (`sim.pytest_plugin`) loads neither the rest of
+the package nor lazycluster.
 """
 
 from __future__ import annotations

@@ -139,16 +139,17 @@ def rm(call: Call) -> int:
     return code
 
 
-def mktemp(call: Call) -> int:
+def parse_mktemp(call: Call) -> tuple[bool, str | None, str]:
+    """Return (make a directory, parent directory or None, template) of a mktemp call."""
     args = call.argv[1:]
-    directory_wanted = False
+    make_directory = False
     parent: str | None = None
     template: str | None = None
     index = 0
     while index < len(args):
         word = args[index]
         if word in ("-d", "--directory"):
-            directory_wanted = True
+            make_directory = True
         elif word in ("-t", "--tmpdir"):
             parent = call.env.get("TMPDIR", TMP_DIR)
         elif word == "-p" and index + 1 < len(args):
@@ -159,14 +160,22 @@ def mktemp(call: Call) -> int:
         else:
             template = word
         index += 1
+
+    # Without a template GNU mktemp uses tmp.XXXXXXXXXX in $TMPDIR or /tmp.
     if template is None:
         template = "tmp.XXXXXXXXXX"
         parent = parent or call.env.get("TMPDIR", TMP_DIR)
+    return make_directory, parent, template
+
+
+def mktemp(call: Call) -> int:
+    make_directory, parent, template = parse_mktemp(call)
     stem = template.rstrip("X")
     width = len(template) - len(stem)
     if width < 3:
         call.write_error(f"mktemp: too few X's in template '{template}'")
         return 1
+
     rng = call.network.random
     for _ in range(100):
         name = stem + "".join(rng.choice(TEMP_ALPHABET) for _ in range(width))
@@ -174,15 +183,15 @@ def mktemp(call: Call) -> int:
         if call.host.fs.exists(path):
             continue
         try:
-            if directory_wanted:
+            if make_directory:
                 call.host.fs.make_directory(path)
             else:
                 call.host.fs.write(path, b"", mode=0o600)
         except OSError:
-            call.write_error(f"mktemp: failed to create file via template '{template}'")
-            return 1
+            break
         call.write(path)
         return 0
+
     call.write_error(f"mktemp: failed to create file via template '{template}'")
     return 1
 

@@ -20,7 +20,7 @@ FAULT_KINDS = (
     "unreachable",  # connect fails, open connections drop (until `until`)
     "auth_failure",  # connect fails with AuthenticationError (until `until`)
     "drop_connection",  # the next `operation` (any when None) on the host loses the connection
-    "foreign_port",  # a foreign process holds `port` (until `until`)
+    "foreign_port",  # a foreign process listens on `port` (until `until`)
     "port_race",  # `port` is taken right after a check reports it free
     "slow_start",  # `program` takes `delay` seconds to bind its port
     "crash",  # the next `program` started exits with `exit_code` `after` seconds
@@ -69,7 +69,7 @@ class FaultPlan:
 
 
 class FaultInjector:
-    """Applies faults to a network and answers the questions the simulation asks about them."""
+    """Applies faults to a network and tells the simulation which one-shot faults are due."""
 
     def __init__(self, network: Network) -> None:
         self.network = network

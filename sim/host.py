@@ -16,7 +16,7 @@ GIB = 1024**3
 # The temporary directory of every simulated host; a path in the simulated file system only.
 TMP_DIR = "/tmp"  # noqa: S108
 
-# Executables every simulated host has unless a test says otherwise.
+# Executables of every simulated host; a test may add or remove names in `SimHost.executables`.
 DEFAULT_EXECUTABLES = frozenset(
     {"sh", "bash", "python3", "echo", "true", "false", "sleep", "mkdir", "rm", "mktemp", "cat", "which"}
 )
@@ -32,7 +32,7 @@ def installed_version(package: str, fallback: str) -> str:
 
 @dataclass(frozen=True)
 class ForeignHolder:
-    """Something outside the library that holds a port, e.g. another user's server."""
+    """A process outside the library that listens on a port, e.g. another user's server."""
 
     label: str = "foreign process"
 
@@ -170,7 +170,7 @@ class SimHost:
         return self.fs.home
 
     def bind(self, port: int, holder: object) -> bool:
-        """Let `holder` take `port`; return False when someone else holds it."""
+        """Give `port` to `holder`, or return False when the port belongs to another holder."""
         current = self.ports.get(port)
         if current is not None and current is not holder:
             return False
@@ -178,7 +178,7 @@ class SimHost:
         return True
 
     def release(self, port: int, holder: object) -> None:
-        """Free `port` if `holder` still holds it."""
+        """Free `port` if it still belongs to `holder`."""
         if self.ports.get(port) is holder:
             del self.ports[port]
 

@@ -69,8 +69,8 @@ def missing_executables(call: Call) -> int:
 @contextlib.contextmanager
 def host_environment(env: dict[str, str]) -> Iterator[None]:
     """Swap the process environment for the host's while a shipped function runs."""
-    # NOTE: os.environ is process-wide; the simulator runs one call at a time, so
-    # no other code sees the swapped environment.
+    # NOTE: os.environ is process-wide. The simulator runs one call at a time,
+    # so no other simulated code runs while the environment is swapped.
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 ProgramMatcher = Callable[["Network", list[str]], "Program | None"]
 SnippetHandler = Callable[..., "int | None"]
 
-# Base start time of each program kind (virtual seconds); a seeded jitter of up
-# to START_JITTER is added unless a test sets the delay with set_start_delay.
+# Base start time of each program kind, in virtual seconds. A seeded jitter of up
+# to START_JITTER is added, unless a test sets the delay with set_start_delay.
 DEFAULT_START_DELAYS = {"scheduler": 0.5, "worker": 0.3}
 START_JITTER = 0.2
 FIRST_PID = 1000

@@ -12,7 +12,7 @@ When a test that used `sim_network` fails, the report gets a section with the
 seed, hosts and faults needed to replay it and the end of the trace.
 
 This module imports `sim` and `lazycluster` only inside fixtures, so loading
-the plugin never fails, even in projects that never use the simulator.
+the plugin costs nothing in projects that never use the simulator.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def seeds() -> st.SearchStrategy[int]:
 
 
 def host_specs() -> st.SearchStrategy[dict[str, Any]]:
-    """Hardware and Python of one host, as `SimHost` keyword arguments."""
+    """Draw the hardware and Python of one host, as `SimHost` keyword arguments."""
     return st.fixed_dictionaries(
         {
             "cpu_cores": st.integers(min_value=1, max_value=64),
@@ -47,7 +47,7 @@ def host_specs() -> st.SearchStrategy[dict[str, Any]]:
 
 @st.composite
 def topologies(draw: st.DrawFn, min_hosts: int = 1, max_hosts: int = 6) -> dict[str, dict[str, Any]]:
-    """Host names h1..hN mapped to host specs."""
+    """Draw host names h1..hN mapped to host specs."""
     count = draw(st.integers(min_value=min_hosts, max_value=max_hosts))
     return {f"h{index}": draw(host_specs()) for index in range(1, count + 1)}
 
@@ -60,7 +60,7 @@ def faults(
     ports: Sequence[int] = (8786, 60000, 60001, 60002),
     max_time: float = 10.0,
 ) -> Fault:
-    """One fault on one of `hosts` at a time from 0 to `max_time`."""
+    """Draw one fault on one of `hosts`, starting between 0 and `max_time` seconds."""
     kind = draw(st.sampled_from(list(kinds)))
     at = draw(st.floats(min_value=0.0, max_value=max_time, allow_nan=False).map(lambda t: round(t, 3)))
     fields: dict[str, Any] = {"kind": kind, "host": draw(st.sampled_from(list(hosts))), "at": at}
@@ -90,7 +90,7 @@ def fault_plans(
     ports: Sequence[int] = (8786, 60000, 60001, 60002),
     max_time: float = 10.0,
 ) -> FaultPlan:
-    """Up to `max_faults` faults on `hosts`, ordered by start time."""
+    """Draw up to `max_faults` faults on `hosts`, ordered by start time."""
     drawn = draw(st.lists(faults(hosts, kinds, ports, max_time), max_size=max_faults))
     return FaultPlan(tuple(sorted(drawn, key=lambda fault: fault.at)))
 
@@ -104,7 +104,7 @@ def networks(
     kinds: Sequence[str] = FAULT_KINDS,
     fault_hosts_include_manager: bool = False,
 ) -> Network:
-    """A seeded network with a drawn topology and, when `max_faults` > 0, a fault plan."""
+    """Draw a seeded network with a drawn topology and, when `max_faults` > 0, a fault plan."""
     seed = draw(seeds())
     topology = draw(topologies(min_hosts, max_hosts))
     targets = list(topology) + (["localhost"] if fault_hosts_include_manager else [])

@@ -51,9 +51,9 @@ class SimTunnel(Tunnel):
     """A forwarded port. A "local" tunnel listens on the manager and leads to the host,
     a "remote" one listens on the host and leads to the manager.
 
-    A tunnel is open while it holds its listen port; the few tunnels with close
-    watchers keep them in the network, so a tunnel has four fields only: a full
-    mesh has millions of them.
+    A tunnel is open while the port table of its listening host maps its listen
+    port to it. Close watchers live in the network, so a tunnel has four fields
+    only, which matters because a full mesh has millions of tunnels.
     """
 
     __slots__ = ("transport", "kind", "listen_port", "target_port")

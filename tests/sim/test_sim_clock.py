@@ -113,7 +113,8 @@ def test_submit_returns_completed_future():
     clock = VirtualClock()
     done = clock.submit(lambda: 42, name="answer")
     failed = clock.submit(lambda: 1 / 0)
-    assert done.done() and done.result() == 42
+    assert done.done()
+    assert done.result() == 42
     assert isinstance(failed.exception(), ZeroDivisionError)
 
 

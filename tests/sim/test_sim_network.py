@@ -134,7 +134,7 @@ def test_runtime_info_reflects_host_specs():
     network.assert_clean()
 
 
-def test_runtime_task_runs_command_and_function_with_host_env(network):
+def test_task_uses_host_env(network):
     def read_env() -> str:
         import os
 
