@@ -69,6 +69,10 @@ MAX_PARALLEL_CONNECTS = 8
 TUNNEL_WINDOW_SIZE = 16 * 1024 * 1024
 TUNNEL_MAX_PACKET_SIZE = 256 * 1024
 
+# Up to this many remote forwards are requested one by one, each waiting for
+# its reply. Larger batches use a fixed number of round trips.
+MAX_SEQUENTIAL_FORWARDS = 3
+
 # Exec and SFTP channels open at once per connection. sshd's MaxSessions
 # (default 10) rejects more, so further callers wait for a free one.
 MAX_PARALLEL_SESSIONS = 8
@@ -148,8 +152,10 @@ class RemoteTunnel(Tunnel):
         if self._closed:
             return
         self._closed = True
-        self._owner._cancel_remote_forward(self)
+        was_forwarded = self._owner._cancel_remote_forward(self)
         self._relays.close()
+        if not was_forwarded:
+            return
         logger.info(
             "Tunnel closed on host %s: remote port %d -> %d",
             self.host,
@@ -451,27 +457,32 @@ class SSHTransport(Transport):
     def forward_remote(self, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
         self._check_open()
         checked = _checked_pairs(pairs)
-        opened: list[RemoteTunnel] = []
+        host_ports = [host_port for host_port, _ in checked]
+        if len(set(host_ports)) != len(host_ports):
+            raise ValueError(f"Invalid remote forwards {list(pairs)}: a host port appears twice.")
+
+        tunnels = [
+            RemoteTunnel(self, host_port, manager_port) for host_port, manager_port in checked
+        ]
         try:
-            for host_port, manager_port in checked:
-                tunnel = RemoteTunnel(self, host_port, manager_port)
-                self._request_remote_forward(tunnel)
-                opened.append(tunnel)
-                logger.info(
-                    "Tunnel opened on host %s: remote port %d -> %d",
-                    self.host,
-                    host_port,
-                    manager_port,
-                )
+            if len(tunnels) <= MAX_SEQUENTIAL_FORWARDS:
+                for tunnel in tunnels:
+                    self._request_remote_forward(tunnel)
+            else:
+                self._request_remote_forwards(tunnels)
         except BaseException:
-            for tunnel in opened:
+            for tunnel in tunnels:
                 tunnel.close()
             raise
-        return list(opened)
+        logger.info(
+            "Tunnels opened on host %s: remote ports -> manager ports %s",
+            self.host,
+            _describe_pairs(checked),
+        )
+        return list(tunnels)
 
     def _request_remote_forward(self, tunnel: RemoteTunnel) -> None:
-        # NOTE: each forward costs one round trip, because paramiko waits for
-        # the reply of one global request before the next can be sent.
+        """Forward one host port, waiting for sshd's reply."""
         port = tunnel.listen_port
         transport = self._transport()
         with self._forward_lock:
@@ -491,9 +502,59 @@ class SSHTransport(Transport):
         raise TransportError(
             self.host,
             f"Host {self.host!r} rejected forwarding its port {port}: {failure}. Check that "
-            "sshd there allows it (AllowTcpForwarding yes).",
+            "sshd there allows it (AllowTcpForwarding yes) and, for ports below 1024, that "
+            "the user is root.",
             failure,
         ) from failure
+
+    def _request_remote_forwards(self, tunnels: list[RemoteTunnel]) -> None:
+        """Forward many host ports in four round trips, whatever their number.
+
+        The caller closes every tunnel of the batch when this raises.
+        """
+        ports = [tunnel.listen_port for tunnel in tunnels]
+        taken = self.ports_in_use(ports)
+        if taken:
+            raise PortInUseError(min(taken), where=f"host {self.host!r}")
+
+        transport = self._transport()
+        with self._forward_lock:
+            forwarded = [port for port in ports if port in self._remote_tunnels]
+            if forwarded:
+                raise PortInUseError(forwarded[0], where=f"host {self.host!r} (already forwarded)")
+            for tunnel in tunnels:
+                self._remote_tunnels[tunnel.listen_port] = tunnel
+            try:
+                # The first request installs the handler of incoming connections
+                # before any port of the batch listens.
+                transport.request_port_forward(
+                    LOOPBACK, ports[0], handler=self._on_forwarded_channel
+                )
+                # The middle requests want no reply, so they go out back to back.
+                # sshd handles global requests in order, so the reply to the last
+                # one arrives after every earlier one was handled.
+                for port in ports[1:-1]:
+                    transport.global_request("tcpip-forward", (LOOPBACK, port), wait=False)
+                reply = transport.global_request("tcpip-forward", (LOOPBACK, ports[-1]), wait=True)
+            except _NETWORK_ERRORS as error:
+                if not transport.is_active():
+                    raise self._lost(f"forwarding ports {ports}", error) from error
+                reply, failure = None, error
+            else:
+                failure = None
+
+        # NOTE: a port taken by another program between the first check and the
+        # request shows as listening below, so it is not detected.
+        listening = self.ports_in_use(ports)
+        missing = sorted(set(ports) - listening)
+        if reply is None or missing:
+            raise TransportError(
+                self.host,
+                f"Host {self.host!r} rejected forwarding its ports {missing or ports[-1:]}"
+                f"{f': {failure}' if failure else ''}. Check that sshd there allows it "
+                "(AllowTcpForwarding yes) and, for ports below 1024, that the user is root.",
+                failure,
+            )
 
     def _on_forwarded_channel(
         self, channel: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]
@@ -510,14 +571,15 @@ class SSHTransport(Transport):
             return
         tunnel.accept(channel)
 
-    def _cancel_remote_forward(self, tunnel: RemoteTunnel) -> None:
+    def _cancel_remote_forward(self, tunnel: RemoteTunnel) -> bool:
+        """Stop forwarding the tunnel's port; return False when it was not forwarded."""
         with self._forward_lock:
             if self._remote_tunnels.get(tunnel.listen_port) is not tunnel:
-                return
+                return False
             del self._remote_tunnels[tunnel.listen_port]
             transport = self._connection.transport
             if not transport.is_active():
-                return
+                return True
             try:
                 # paramiko's cancel_port_forward would also drop the handler that
                 # serves the other forwarded ports, so the request is sent directly.
@@ -531,6 +593,7 @@ class SSHTransport(Transport):
                     self.host,
                     error,
                 )
+            return True
 
     def _restore_remote_forwards(self) -> None:
         """Request the remote forwards again on a new connection."""
@@ -599,6 +662,11 @@ class SSHTransport(Transport):
             logger.warning(
                 "Failed to stop process %d on host %s: %s", process.pid, self.host, error
             )
+
+
+def _describe_pairs(pairs: Sequence[tuple[int, int]], limit: int = 10) -> str:
+    shown = ", ".join(f"{listen}->{target}" for listen, target in pairs[:limit])
+    return shown + (f" and {len(pairs) - limit} more" if len(pairs) > limit else "")
 
 
 def _checked_pairs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

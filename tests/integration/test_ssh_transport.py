@@ -877,6 +877,34 @@ def test_forward_remote_to_port_nobody_listens_on(transport):
 # Dropped connections and stopped hosts
 
 
+def reconfigure_sshd(host, line: str) -> None:
+    """Make `line` win over the image's sshd settings and reload sshd."""
+    # sshd keeps the first value of most keywords but the last of a few, such as
+    # MaxStartups. The main config includes sshd_config.d/*.conf in name order
+    # before its own lines, so the line goes both first and last.
+    script = (
+        f"echo '{line}' > /etc/ssh/sshd_config.d/00-test.conf && "
+        f"echo '{line}' >> /etc/ssh/sshd_config"
+    )
+    host.exec(["sh", "-c", script]).check()
+    (listener,) = host_pids(host, "sshd: /usr/sbin/sshd")
+    host.exec(["kill", "-s", "HUP", str(listener)]).check()
+
+    # After SIGHUP, sshd re-executes itself and accepts connections again. The
+    # old listener may still answer for a moment, hence the pause first.
+    time.sleep(1.0)
+    def answers() -> bool:
+        with socket.socket() as probe:
+            probe.settimeout(1)
+            try:
+                probe.connect(("127.0.0.1", host.port))
+                return probe.recv(4) == b"SSH-"
+            except OSError:
+                return False
+
+    assert wait_for(answers)
+
+
 def kill_ssh_sessions(host) -> None:
     """Kill the sshd session processes of the host's test user, as a network drop would."""
     for pid in host_pids(host, f"sshd: {host.user}"):
@@ -949,10 +977,10 @@ def test_connect_retries_when_sshd_drops_handshakes(make_ssh_hosts, caplog):
     host = group[0]
     # With MaxStartups 1, sshd drops every connection that arrives while another
     # one is still in its handshake, as a busy sshd does beyond its limit.
-    host.exec(["sh", "-c", "echo 'MaxStartups 1' >> /etc/ssh/sshd_config"]).check()
+    reconfigure_sshd(host, "MaxStartups 1")
     (listener,) = host_pids(host, "sshd: /usr/sbin/sshd")
-    host.exec(["kill", "-s", "HUP", str(listener)]).check()
-    assert wait_for(lambda: "of 1-" in host.exec(["ps", "-o", "args=", "-p", str(listener)]).stdout)
+    title = host.exec(["ps", "-o", "args=", "-p", str(listener)]).stdout
+    assert "of 1-1 startups" in title
 
     backend = SSHBackend(str(group.ssh_config_path))
     with caplog.at_level(logging.INFO, logger="lazycluster.transport.ssh_connect"):
@@ -963,3 +991,60 @@ def test_connect_retries_when_sshd_drops_handshakes(make_ssh_hosts, caplog):
         for transport in transports:
             transport.close()
     assert any("retry" in record.getMessage() for record in caplog.records)
+
+
+def distinct_free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def test_forward_remote_large_batch(transport):
+    server = EchoServer()
+    ports = distinct_free_ports(150)
+    try:
+        tunnels = transport.forward_remote([(port, server.port) for port in ports])
+        assert len(tunnels) == len(ports)
+        assert transport.ports_in_use(ports) == set(ports)
+        for port in (ports[0], ports[75], ports[-1]):
+            result = transport.run(
+                [REAL_PYTHON, "-c", ECHO_CLIENTS, str(port), "3", "10000"], timeout=30
+            )
+            assert result.stdout.strip() == "ok 3 []", result.stderr
+
+        for tunnel in tunnels:
+            tunnel.close()
+        assert transport.ports_in_use(ports) == set()
+        assert transport.tunnels == []
+    finally:
+        server.close()
+
+
+def test_forward_remote_rejected_by_sshd(make_ssh_hosts):
+    group = make_ssh_hosts(1)
+    host = group[0]
+    # "AllowTcpForwarding local" lets sshd open direct-tcpip channels but reject remote forwards.
+    reconfigure_sshd(host, "AllowTcpForwarding local")
+
+    server = EchoServer()
+    transport = SSHBackend(str(group.ssh_config_path)).connect(host.alias)
+    try:
+        for count in (1, 6):
+            pairs = [(port, server.port) for port in distinct_free_ports(count)]
+            with pytest.raises(TransportError) as caught:
+                transport.forward_remote(pairs)
+            assert "AllowTcpForwarding" in str(caught.value)
+            assert host.alias in str(caught.value)
+            assert transport.tunnels == []
+            assert transport.ports_in_use([port for port, _ in pairs]) == set()
+    finally:
+        transport.close()
+        server.close()
+
+
+def test_forward_remote_rejects_duplicate_port(transport):
+    with pytest.raises(ValueError, match="appears twice"):
+        transport.forward_remote([(40001, 50001), (40001, 50002)])
