@@ -12,6 +12,7 @@ import os
 import posixpath
 import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from lazycluster.exceptions import (
@@ -361,26 +362,37 @@ class SimTransport(Transport):
 
     def _forward(self, kind: str, listen_host: SimHost, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
         """Bind every listen port of the batch, or none of them when one is taken."""
-        table = listen_host.ports
-        seen: set[int] = set()
-        for listen_port, target_port in pairs:
-            if not (_is_port(listen_port) and _is_port(target_port)):
-                validate_port(listen_port, "listen port")
-                validate_port(target_port, "target port")
-            if self.is_local and listen_port == target_port:
-                continue
-            if listen_port in table or listen_port in seen:
-                where = "the manager" if listen_host is self.network.manager else f"host {listen_host.name!r}"
-                raise PortInUseError(listen_port, where=where)
-            seen.add(listen_port)
-
+        if not pairs:
+            return []
+        listen_ports, target_ports = map(list, zip(*pairs, strict=True))
         if self.is_local:
+            self._check_listen_ports(listen_host, pairs)
             return self._forward_on_manager(kind, pairs)
-        tunnels = [SimTunnel(self, kind, listen, target) for listen, target in pairs]
-        table.update(zip((listen for listen, _ in pairs), tunnels, strict=True))
+
+        # Whole-batch checks run in C; the item-by-item check only explains a failure.
+        listen_set = set(listen_ports)
+        valid = _all_ports(listen_ports) and _all_ports(target_ports)
+        if not valid or len(listen_set) != len(listen_ports) or not listen_host.ports.keys().isdisjoint(listen_set):
+            self._check_listen_ports(listen_host, pairs)
+
+        tunnels = list(map(partial(SimTunnel, self, kind), listen_ports, target_ports))
+        listen_host.ports.update(zip(listen_ports, tunnels, strict=True))
         self._tunnels.extend(tunnels)
         self.network.record(self.host, f"forward_{kind}", f"{len(tunnels)} tunnels")
         return list(tunnels)
+
+    def _check_listen_ports(self, listen_host: SimHost, pairs: Sequence[tuple[int, int]]) -> None:
+        """Raise for the first invalid or taken listen port of `pairs`, in batch order."""
+        seen: set[int] = set()
+        for listen_port, target_port in pairs:
+            validate_port(listen_port, "listen port")
+            validate_port(target_port, "target port")
+            if self.is_local and listen_port == target_port:
+                continue
+            if listen_port in listen_host.ports or listen_port in seen:
+                where = "the manager" if listen_host is self.network.manager else f"host {listen_host.name!r}"
+                raise PortInUseError(listen_port, where=where)
+            seen.add(listen_port)
 
     def _forward_on_manager(self, kind: str, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
         # Like LocalTransport: a port forwarded to itself needs no listener.
@@ -425,6 +437,11 @@ class SimTransport(Transport):
         self._closed = True
         self.network.record(self.host, "connection.close", "")
         self.network.forget(self)
+
+
+def _all_ports(values: list[int]) -> bool:
+    """Tell quickly whether every value is a valid port (an int, not a bool, from 1 to 65535)."""
+    return set(map(type, values)) == {int} and min(values) >= 1 and max(values) <= 65535
 
 
 def _is_port(value: object) -> bool:

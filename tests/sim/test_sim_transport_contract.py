@@ -288,3 +288,20 @@ def test_close_stops_processes_and_tunnels(world):
 
     assert not handle.is_alive
     assert world.manager.ports_in_use([listen]) == set() if world.manager is not world.transport else True
+
+
+@pytest.mark.parametrize(
+    ("pair", "error"),
+    [((0, 5000), ValueError), ((5000, 70000), ValueError), (("5000", 5001), TypeError)],
+)
+def test_tunnel_rejects_invalid_port(world, pair, error):
+    with pytest.raises(error):
+        world.transport.forward_local([pair])
+    assert world.transport.tunnels == []
+
+
+def test_tunnel_duplicate_listen_port_in_batch_raises(world):
+    listen = world.free_port()
+    with pytest.raises(PortInUseError):
+        world.transport.forward_local([(listen, world.free_port()), (listen, world.free_port())])
+    assert world.manager.ports_in_use([listen]) == set()
