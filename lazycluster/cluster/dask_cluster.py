@@ -204,7 +204,7 @@ class LocalMasterLauncher(MasterLauncher):
             cause = f"the scheduler exited with code {code}"
         else:
             cause = f"the scheduler did not listen within {timeout:g} s"
-        raise MasterStartError(manager.host, port, f"{cause}. Last log lines:\n{tail}")
+        raise MasterStartError(manager.host, port, cause, log_tail=tail)
 
     def _expose_to_runtimes(self, manager: Transport, port: int) -> None:
         """Forward the scheduler port to every remote runtime, one request per host in parallel."""

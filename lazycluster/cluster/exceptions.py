@@ -25,17 +25,21 @@ class MasterStartError(LazyclusterError):
         port: int | None,
         cause: str | BaseException,
         predecessor_excp: BaseException | None = None,
+        log_tail: str = "",
     ) -> None:
         self.host = host
         self.port = port
         self.cause = cause
+        self.log_tail = log_tail
         if predecessor_excp is None and isinstance(cause, BaseException):
             predecessor_excp = cause
-        super().__init__(
+        msg = (
             f"Failed to start the master on host {host!r} at port {port}: {cause}. "
-            "Check the log above, free the port or give start() a longer timeout.",
-            predecessor_excp,
+            "Check that nothing else takes the port and that the timeout covers the start."
         )
+        if log_tail:
+            msg += f" Last log lines:\n{log_tail}"
+        super().__init__(msg, predecessor_excp)
 
 
 @dataclass(frozen=True)

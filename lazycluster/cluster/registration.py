@@ -70,8 +70,8 @@ def wait_for_registration(
         raise MasterStartError(
             scheduler.host,
             scheduler_port,
-            f"the scheduler exited with code {code} while workers registered. "
-            f"Last log lines:\n{read_tail(scheduler)}",
+            f"the scheduler exited with code {code} while workers registered",
+            log_tail=read_tail(scheduler),
         )
     if exited:
         raise WorkerStartError(

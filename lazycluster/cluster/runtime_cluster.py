@@ -328,7 +328,8 @@ class MasterWorkerCluster(RuntimeCluster):
             self.start_master(master_port, timeout=self.master_start_timeout, debug=debug)
             self.start_workers(worker_count, debug=debug)
         except BaseException as error:
-            logger.warning("Cluster start failed, cleaning up: %s", error)
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            logger.warning("Cluster start failed, cleaning up: %s", first_line)
             self.cleanup()
             raise
 
