@@ -30,6 +30,11 @@ from lazycluster.transport.local import LocalTransport
 logger = logging.getLogger(__name__)
 
 WORKER_PATTERN = "python3 -m distributed.cli.dask_worker *"
+
+# A Dask worker also serves HTTP (metrics, health) on a port the kernel picks
+# from the ephemeral range, which starts here on Linux; its comm port, the one
+# the library chooses, is below it in every property.
+EPHEMERAL_PORTS_START = 32768
 TEMP_PATTERN = "lazycluster-*"
 
 
@@ -110,8 +115,11 @@ class DockerWorld(World):
             if line.split()[2:4] == ["-m", "distributed.cli.dask_worker"]
         }
         found: dict[int, int] = {}
-        for line in host.exec(["ss", "-H", "-l", "-t", "-n", "-p"]).check().stdout.splitlines():
+        # Only the owner of a socket sees its process in `ss -p` inside the container.
+        for line in host.exec(["ss", "-H", "-l", "-t", "-n", "-p"], user=host.user).check().stdout.splitlines():
             port = int(line.split()[3].rpartition(":")[2])
+            if port >= EPHEMERAL_PORTS_START:
+                continue
             for pid in worker_pids:
                 if f"pid={pid}," in line:
                     found[port] = pid

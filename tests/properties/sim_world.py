@@ -95,7 +95,9 @@ class SimWorld(World):
             set_backend(self._previous)
 
     def describe(self) -> str:
-        return f"{super().describe()}\n{self.network.describe()}\ntrace tail:\n{self.network.format_trace(last=15)}"
+        # First line of each event only: commands with Python snippets span many lines.
+        tail = [str(event).splitlines()[0] for event in self.network.trace[-15:]]
+        return "\n".join([super().describe(), self.network.describe(), "trace tail:", *tail])
 
 
 class SimBed(Bed):

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
+from invariants import expect_start
 from scenario import MANAGER, PORT_UNIVERSE, Bed, Scenario
+
+from lazycluster.cluster import MasterStartError, WorkerStartError
 
 # The first ports of the universe serve as candidate lists; the last ones as
 # explicit and default master ports, so both kinds can collide with the list.
@@ -56,3 +59,39 @@ def free_starts(draw: st.DrawFn, bed: Bed) -> Start:
     ports = tuple(PORT_UNIVERSE[: workers + 2])
     scenario = Scenario(hosts=hosts, seed=draw(seeds))
     return Start(scenario, ports, workers, PORT_UNIVERSE[-1], PORT_UNIVERSE[-2])
+
+
+def bed_allowance(bed: Bed) -> float:
+    from docker_world import DockerWorld
+    from sim_world import SimWorld
+
+    return (DockerWorld if bed.name == "docker" else SimWorld).start_allowance
+
+
+@st.composite
+def any_outcome(draw: st.DrawFn, bed: Bed) -> tuple[Start, type[Exception] | None]:
+    """A start that may lack ports and may have a slow scheduler or a slow worker host.
+
+    Returns the start and the error it must raise (None for success).
+    """
+    start = draw(starts(bed))
+    ports = expect_start(
+        start.ports, start.scenario.taken_anywhere, start.workers, start.master_port, start.default_master_port
+    )
+    # The master starts (or fails) before the workers' ports are chosen, and
+    # the workers start only with enough ports.
+    slowness = draw(st.sampled_from(["none", "scheduler", "worker"]))
+    delays: tuple = ()
+    expected = ports.error
+    if slowness == "scheduler":
+        delays = ((MANAGER, "scheduler", 30.0),)
+        if ports.stage != "master":
+            expected = MasterStartError
+    elif slowness == "worker":
+        slow_host = draw(st.integers(0, start.scenario.hosts - 1))
+        delays = ((slow_host, "worker", 60.0),)
+        # Worker i runs on host i mod N, so host s gets a worker when s < W.
+        if slow_host < start.workers and ports.error is None:
+            expected = WorkerStartError
+    scenario = Scenario(start.scenario.hosts, start.scenario.taken, delays, start.scenario.seed)
+    return Start(scenario, start.ports, start.workers, start.master_port, start.default_master_port), expected

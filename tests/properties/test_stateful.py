@@ -1,0 +1,170 @@
+"""A rule-based state machine: start, add workers, kill a worker, clean up, take and free ports.
+
+One DaskCluster lives through a whole run, so the port list shrinks across
+starts and a cleaned-up cluster starts again. The model keeps what must hold
+(master port, worker ports, the remaining list, killed workers, taken ports)
+and every invariant is checked after every step, on both backends.
+"""
+
+from __future__ import annotations
+
+from hypothesis import note
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from invariants import (
+    check_clean,
+    check_mesh,
+    check_nothing_running,
+    check_round_robin,
+    expect_start,
+    new_cluster,
+)
+from profiles import settings_for
+from scenario import MANAGER, PORT_UNIVERSE, Bed, Scenario, World
+from strategies import seeds
+
+from lazycluster.exceptions import LazyclusterError
+
+LIST_PORTS = PORT_UNIVERSE[:16]
+DEFAULT_MASTER_PORT = PORT_UNIVERSE[-1]
+
+# Steps per run: the simulator affords long runs; on Docker each step starts
+# or stops real processes, so a run stays short.
+STEPS = {"sim": 25, "docker": 5}
+
+
+def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
+    """Return a state machine class that builds its worlds on `bed`."""
+
+    class ClusterMachine(RuleBasedStateMachine):
+        world: World | None = None
+
+        @initialize(hosts=st.integers(1, bed.max_hosts), seed=seeds)
+        def open_world(self, hosts: int, seed: int) -> None:
+            self.world = bed.open(Scenario(hosts=hosts, seed=seed))
+            note(self.world.describe())
+            self.cluster, self.launcher = new_cluster(self.world, LIST_PORTS, DEFAULT_MASTER_PORT)
+            self.ports = list(LIST_PORTS)
+            self.taken: set[int] = set()
+            self.master: int | None = None
+            self.worker_ports: list[int] = []
+            self.killed: set[int] = set()
+
+        @property
+        def running(self) -> bool:
+            return self.master is not None
+
+        def in_use(self) -> set[int]:
+            return {self.master, *self.worker_ports} if self.master is not None else set()
+
+        @precondition(lambda self: self.world is not None and not self.running)
+        @rule(workers=st.integers(1, 4))
+        def start(self, workers: int) -> None:
+            expected = expect_start(self.ports, self.taken, workers, None, DEFAULT_MASTER_PORT)
+            try:
+                self.cluster.start(worker_count=workers)
+            except LazyclusterError as error:
+                assert type(error) is expected.error, f"raised {error!r}, expected {expected}"
+                if expected.stage == "master":
+                    return
+                # The master took its port from the list before the workers failed.
+                if expected.master_port != DEFAULT_MASTER_PORT:
+                    self.ports = self.ports[self.ports.index(expected.master_port) + 1 :]
+                return
+            assert expected.error is None, f"start succeeded, expected {expected}"
+            assert self.cluster.master_port == expected.master_port
+            self.master = expected.master_port
+            self.worker_ports = list(expected.worker_ports)
+            self.ports = list(expected.remaining)
+
+        @precondition(lambda self: self.world is not None and self.running)
+        @rule(workers=st.integers(1, 3))
+        def add_workers(self, workers: int) -> None:
+            # The running master's port is given, so only the workers' choice is modelled.
+            busy = self.taken | set(self.worker_ports)
+            expected = expect_start(self.ports, busy, workers, self.master, DEFAULT_MASTER_PORT)
+            try:
+                self.cluster.start_workers(workers)
+            except LazyclusterError as error:
+                assert type(error) is expected.error, f"raised {error!r}, expected {expected}"
+                return
+            assert expected.error is None, f"adding workers succeeded, expected {expected}"
+            self.worker_ports += expected.worker_ports
+            self.ports = list(expected.remaining)
+
+        @precondition(lambda self: self.world is not None and len(self.killed) < len(self.worker_ports))
+        @rule(data=st.data())
+        def kill_worker(self, data: st.DataObject) -> None:
+            assert self.world is not None
+            alive = [w for w in self.launcher.workers if w.port not in self.killed]
+            worker = data.draw(st.sampled_from(alive), label="worker to kill")
+            self.world.kill_worker(self.world.index(worker.host), worker.port)
+            self.killed.add(worker.port)
+
+        @precondition(lambda self: self.world is not None)
+        @rule()
+        def cleanup(self) -> None:
+            self.cluster.cleanup()
+            self.master, self.worker_ports, self.killed = None, [], set()
+
+        @precondition(lambda self: self.world is not None)
+        @rule(data=st.data())
+        def take_port(self, data: st.DataObject) -> None:
+            assert self.world is not None
+            free = sorted({*self.ports, DEFAULT_MASTER_PORT} - self.taken - self.in_use())
+            if not free:
+                return
+            port = data.draw(st.sampled_from(free), label="port to take")
+            where = data.draw(st.sampled_from([MANAGER, *range(len(self.world.hosts))]), label="where")
+            self.world.take_port(where, port)
+            self.taken.add(port)
+
+        @precondition(lambda self: self.world is not None and bool(self.taken))
+        @rule()
+        def release_ports(self) -> None:
+            assert self.world is not None
+            self.world.release_ports()
+            self.taken.clear()
+
+        @invariant()
+        def holds(self) -> None:
+            if self.world is None:
+                return
+            assert self.cluster.master_port == self.master
+            assert self.cluster.ports == self.ports
+            if not self.running:
+                assert self.launcher.workers == []
+                check_nothing_running(self.world)
+                return
+            # `workers` is in the order the parallel starts finished; the index gives the round robin.
+            assert [w.port for w in sorted(self.launcher.workers, key=lambda w: w.index)] == self.worker_ports
+            check_round_robin(self.world, self.launcher, self.killed)
+            assert self.master is not None
+            check_mesh(self.world, self.master, set(self.worker_ports) - self.killed)
+
+        def teardown(self) -> None:
+            if self.world is None:
+                return
+            try:
+                self.cluster.cleanup()
+                check_nothing_running(self.world)
+            finally:
+                self.world.close()
+            check_clean(self.world)
+
+    return ClusterMachine
+
+
+def test_cluster_state_machine(bed: Bed) -> None:
+    machine_settings = settings_for(bed)
+    run_state_machine_as_test(
+        cluster_machine(bed),
+        settings=type(machine_settings)(machine_settings, stateful_step_count=STEPS[bed.name]),
+    )
