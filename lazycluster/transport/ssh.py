@@ -267,6 +267,7 @@ class SSHTransport(Transport):
                     outcome = execute(
                         transport,
                         script,
+                        host=self.host,
                         stdin=stdin,
                         on_output=on_output,
                         deadline=deadline,

@@ -64,7 +64,7 @@ class _Stdout:
         self.pid: int | None = None
         self._head = b""
         self._chunks: list[bytes] = []
-        self._splitter = splitter
+        self.splitter = splitter
 
     def feed(self, data: bytes) -> None:
         if self.pid is None:
@@ -77,8 +77,8 @@ class _Stdout:
             data, self._head = self._head[end + 1 :], b""
         if data:
             self._chunks.append(data)
-            if self._splitter is not None:
-                self._splitter.feed(data)
+            if self.splitter is not None:
+                self.splitter.feed(data)
 
     def value(self) -> bytes:
         # Without a marker the shell itself failed, so its output is the result.
@@ -89,6 +89,7 @@ def execute(
     transport: paramiko.Transport,
     script: str,
     *,
+    host: str,
     stdin: bytes | None,
     on_output: Callable[[str], None] | None,
     deadline: float | None,
@@ -100,10 +101,17 @@ def execute(
     except (paramiko.SSHException, EOFError, OSError) as error:
         raise ChannelNotOpened(str(error)) from error
 
+    stdout = _Stdout(LineSplitter(on_output) if on_output else None)
     try:
-        return _execute_on(channel, script, stdin, on_output, deadline, clock)
+        return _execute_on(channel, script, stdin, stdout, on_output, deadline, clock)
     except (paramiko.SSHException, EOFError, OSError) as error:
         raise ChannelLost(str(error)) from error
+    except BaseException:
+        # An error of on_output (or an interrupt) ends the call, and the
+        # command must not outlive it.
+        if stdout.pid is not None:
+            kill_group(transport, stdout.pid, host)
+        raise
     finally:
         channel.close()
 
@@ -112,6 +120,7 @@ def _execute_on(
     channel: paramiko.Channel,
     script: str,
     stdin: bytes | None,
+    stdout: _Stdout,
     on_output: Callable[[str], None] | None,
     deadline: float | None,
     clock: Clock,
@@ -123,7 +132,6 @@ def _execute_on(
         channel.sendall(stdin)
     channel.shutdown_write()
 
-    stdout = _Stdout(LineSplitter(on_output) if on_output else None)
     stderr_chunks: list[bytes] = []
     stderr_lines = LineSplitter(on_output) if on_output else None
 
@@ -149,7 +157,7 @@ def _execute_on(
         select.select([channel], [], [], wait)
 
     exit_code = _wait_exit_status(channel, deadline, clock)
-    for splitter in (stdout._splitter, stderr_lines):
+    for splitter in (stdout.splitter, stderr_lines):
         if splitter is not None:
             splitter.flush()
     if exit_code is None:

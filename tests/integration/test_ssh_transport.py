@@ -893,6 +893,7 @@ def reconfigure_sshd(host, line: str) -> None:
     # After SIGHUP, sshd re-executes itself and accepts connections again. The
     # old listener may still answer for a moment, hence the pause first.
     time.sleep(1.0)
+
     def answers() -> bool:
         with socket.socket() as probe:
             probe.settimeout(1)
@@ -1048,3 +1049,12 @@ def test_forward_remote_rejected_by_sshd(make_ssh_hosts):
 def test_forward_remote_rejects_duplicate_port(transport):
     with pytest.raises(ValueError, match="appears twice"):
         transport.forward_remote([(40001, 50001), (40001, 50002)])
+
+
+def test_run_error_in_on_output_kills_command(transport, host):
+    def fail(line: str) -> None:
+        raise RuntimeError(f"callback failed on {line!r}")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        transport.run("echo start; sleep 4327", on_output=fail)
+    assert wait_for(lambda: not host_pids(host, "sleep 4327"))
