@@ -59,6 +59,10 @@ logger = logging.getLogger(__name__)
 # Candidates for the scheduler's dashboard, which only the manager must have free.
 DASHBOARD_PORTS = range(8787, 8797)
 
+# Ports of a list the scheduler tries when another program takes each one
+# between the port check and the bind, before start() gives up.
+MAX_BIND_ATTEMPTS = 3
+
 # The scheduler of distributed 2026.8 serves its dashboard only with bokeh.
 DASHBOARD_MODULE = "bokeh"
 
@@ -126,19 +130,27 @@ class LocalMasterLauncher(MasterLauncher):
             return []
 
         pending = candidates
-        while True:
+        for attempt in range(1, MAX_BIND_ATTEMPTS + 1):
             [port], remaining = pick_free_ports(pending, 1, busy)
             dashboard = self._pick_dashboard(dashboard_candidates, busy, port)
             try:
                 self._launch(manager, port, dashboard, timeout_seconds)
                 return remaining
-            except PortInUseError:
+            except PortInUseError as error:
+                if attempt == MAX_BIND_ATTEMPTS:
+                    raise MasterStartError(
+                        manager.host,
+                        port,
+                        f"the scheduler failed to bind {attempt} free ports in a row",
+                        error,
+                    ) from error
                 logger.info(
                     "Port %d on host %s was taken during the scheduler start; trying the next port",
                     port,
                     manager.host,
                 )
                 pending = remaining
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _pick_dashboard(
         self, candidates: list[int], busy: dict[str, set[int]], port: int

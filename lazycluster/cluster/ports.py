@@ -26,9 +26,18 @@ def manager_transport() -> Transport:
     return get_backend().local()
 
 
+def on_manager(runtime: Any) -> bool:
+    """Return whether a runtime is the manager's own machine, where it shares the manager's ports.
+
+    That is the case for a local transport, and also for an SSH connection to
+    localhost, which `Runtime.is_manager` recognizes by the host name.
+    """
+    return bool(runtime.transport.is_local or getattr(runtime, "is_manager", False))
+
+
 def remote_transports(group: RuntimeGroup) -> list[Transport]:
     """Return the transports of the group's runtimes that are not the manager's machine."""
-    return [runtime.transport for runtime in group.runtimes if not runtime.transport.is_local]
+    return [runtime.transport for runtime in group.runtimes if not on_manager(runtime)]
 
 
 def validate_port_list(ports: Any, name: str = "ports") -> list[int]:

@@ -239,3 +239,58 @@ def test_single_master_port_taken_during_start_raises() -> None:
 
         assert launcher.port is None
         network.release_port(network.manager.name, PORTS[0])
+
+
+def test_runtime_on_manager_gets_no_tunnels() -> None:
+    network = sim.Network(2, seed=10)
+
+    with use_backend(network):
+        group = RuntimeGroup(hosts=[network.manager.name, "h1"])
+        try:
+            with DaskCluster(group, ports=PORTS) as cluster:
+                cluster.start_workers(2)
+
+                ports_per_host = cluster._worker_launcher.ports_per_host
+                assert ports_per_host == {
+                    network.manager.name: [PORTS[0], PORTS[2]],
+                    "h1": [PORTS[1], PORTS[3]],
+                }
+                forwards = Counter(
+                    event.host for event in network.trace if event.kind.startswith("forward_")
+                )
+                assert set(forwards) == {"h1"}
+                # h1 listens on the scheduler port and the manager's worker ports.
+                assert sorted(
+                    t.listen_port for t in network.open_tunnels("h1") if t.kind == "remote"
+                ) == sorted([cluster.master_port, PORTS[0], PORTS[2]])
+        finally:
+            group.cleanup()
+    network.assert_clean()
+
+
+def test_master_gives_up_after_repeated_bind_races() -> None:
+    network = sim.Network(1, seed=11)
+    network.set_start_delay("scheduler", 2.0)
+    manager = network.manager.name
+    racing = True
+
+    def take_each_scheduler_port() -> None:
+        # Another program binds every port a starting scheduler is about to bind.
+        for process in network.processes(manager):
+            port = int(process.argv[process.argv.index("--port") + 1])
+            if port not in network.listening_ports(manager):
+                network.hold_port(manager, port)
+        if racing:
+            network.clock.schedule(0.25, take_each_scheduler_port)
+
+    with simulated_group(network) as group:
+        launcher = LocalMasterLauncher(group)
+        network.clock.schedule(0.25, take_each_scheduler_port)
+
+        with pytest.raises(MasterStartError, match="failed to bind 3 free ports in a row"):
+            launcher.start(PORTS, timeout=10)
+        racing = False
+
+        assert launcher.port is None
+        for port in PORTS[:3]:
+            network.release_port(manager, port)
