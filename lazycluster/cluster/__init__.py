@@ -1,9 +1,10 @@
 """Clusters on a RuntimeGroup: the generic master/worker machinery and the Dask cluster.
 
-`DaskCluster` lives in `lazycluster.cluster.dask_cluster`; it is not imported
-here, so importing this package does not import `distributed`.
+Importing this package does not import `distributed`; `DaskCluster` imports it
+when a client is requested.
 """
 
+from lazycluster.cluster.dask_cluster import DaskCluster, LocalMasterLauncher, RoundRobinLauncher
 from lazycluster.cluster.exceptions import MasterStartError, WorkerFailure, WorkerStartError
 from lazycluster.cluster.runtime_cluster import (
     MasterLauncher,
@@ -14,9 +15,12 @@ from lazycluster.cluster.runtime_cluster import (
 )
 
 __all__ = [
+    "DaskCluster",
+    "LocalMasterLauncher",
     "MasterLauncher",
     "MasterStartError",
     "MasterWorkerCluster",
+    "RoundRobinLauncher",
     "RuntimeCluster",
     "WorkerFailure",
     "WorkerLauncher",
