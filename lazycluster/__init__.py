@@ -28,6 +28,8 @@ from lazycluster.exceptions import (
 )
 
 if TYPE_CHECKING:
+    from lazycluster.cluster.dask_cluster import DaskCluster
+    from lazycluster.cluster.runtime_cluster import MasterLauncher, WorkerLauncher
     from lazycluster.environment import Environment
     from lazycluster.group import RuntimeGroup
     from lazycluster.manager import RuntimeManager
@@ -38,7 +40,10 @@ __version__ = "0.3.0.dev0"
 
 # Public name -> module that defines it, imported on first attribute access.
 _LAZY_NAMES = {
+    "DaskCluster": "lazycluster.cluster.dask_cluster",
     "Environment": "lazycluster.environment",
+    "MasterLauncher": "lazycluster.cluster.runtime_cluster",
+    "WorkerLauncher": "lazycluster.cluster.runtime_cluster",
     "Runtime": "lazycluster.runtime",
     "RuntimeGroup": "lazycluster.group",
     "RuntimeManager": "lazycluster.manager",
@@ -64,11 +69,13 @@ __all__ = [
     "CommandError",
     "CommandTimeoutError",
     "ConnectionLostError",
+    "DaskCluster",
     "Environment",
     "HostKeyError",
     "HostUnreachableError",
     "InvalidRuntimeError",
     "LazyclusterError",
+    "MasterLauncher",
     "NoPortsLeftError",
     "NoRuntimesDetectedError",
     "PathCreationError",
@@ -80,5 +87,6 @@ __all__ = [
     "TaskExecutionError",
     "TransportError",
     "VersionMismatchError",
+    "WorkerLauncher",
     "__version__",
 ]
