@@ -235,6 +235,7 @@ class Connector:
             "banner_timeout": timeout,
             "auth_timeout": timeout,
             "sock": sock if sock is not None else _open_socket(settings, timeout),
+            "transport_factory": _make_transport,
         }
         options.update(kwargs)
 
@@ -249,6 +250,21 @@ class Connector:
         assert transport is not None
         transport.set_keepalive(KEEPALIVE_INTERVAL)
         return client
+
+
+# AES-GCM first: it encrypts and authenticates in one pass, and carried about
+# 1.5 times the tunnel throughput of aes128-ctr with HMAC in a local test of
+# paramiko 5.1 against OpenSSH 9.2 (an estimate on a loaded 2-core machine).
+_PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def _make_transport(sock: object, disabled_algorithms: object = None) -> paramiko.Transport:
+    transport = paramiko.Transport(sock, disabled_algorithms=disabled_algorithms)
+    options = transport.get_security_options()
+    available = list(options.ciphers)
+    preferred = [name for name in _PREFERRED_CIPHERS if name in available]
+    options.ciphers = tuple(preferred + [name for name in available if name not in preferred])
+    return transport
 
 
 class _HandshakeDropped(Exception):
