@@ -1058,3 +1058,30 @@ def test_run_error_in_on_output_kills_command(transport, host):
     with pytest.raises(RuntimeError, match="callback failed"):
         transport.run("echo start; sleep 4327", on_output=fail)
     assert wait_for(lambda: not host_pids(host, "sleep 4327"))
+
+
+def test_tunnels_survive_reconnect(ssh_backend, host):
+    server = EchoServer()
+    transport = ssh_backend.connect(host.alias)
+    try:
+        host_port, manager_port, remote_port = distinct_free_ports(3)
+        echo = start_echo_server(transport, host_port)
+        (local_tunnel,) = transport.forward_local([(manager_port, host_port)])
+        (remote_tunnel,) = transport.forward_remote([(remote_port, server.port)])
+        assert exchange(manager_port, b"before") == b"before"
+
+        kill_ssh_sessions(host)
+        assert wait_for(lambda: not transport._connection.transport.is_active())
+
+        # The local tunnel's listener stays on the manager and uses the new
+        # connection; the remote forward is requested again after reconnecting.
+        assert exchange(manager_port, b"after") == b"after"
+        assert transport.ports_in_use([remote_port]) == {remote_port}
+        result = transport.run([REAL_PYTHON, "-c", ECHO_CLIENTS, str(remote_port), "2", "1000"])
+        assert result.stdout.strip() == "ok 2 []", result.stderr
+        assert local_tunnel.is_open
+        assert remote_tunnel.is_open
+        echo.stop()
+    finally:
+        transport.close()
+        server.close()

@@ -447,6 +447,7 @@ def test_tunnel_to_port_nobody_listens_on(transport):
     with socket.create_connection(("127.0.0.1", listen), timeout=5) as client:
         assert client.recv(10) == b""
     assert tunnel.is_open
+    assert isinstance(tunnel.last_error, ConnectionRefusedError)
 
     # The tunnel keeps working once a server appears on the target port.
     server = EchoServer(target)
