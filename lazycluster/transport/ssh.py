@@ -514,9 +514,9 @@ class SSHTransport(Transport):
         The caller closes every tunnel of the batch when this raises.
         """
         ports = [tunnel.listen_port for tunnel in tunnels]
-        taken = self.ports_in_use(ports)
-        if taken:
-            raise PortInUseError(min(taken), where=f"host {self.host!r}")
+        in_use = self.ports_in_use(ports)
+        if in_use:
+            raise PortInUseError(min(in_use), where=f"host {self.host!r}")
 
         transport = self._transport()
         with self._forward_lock:
@@ -666,8 +666,8 @@ class SSHTransport(Transport):
 
 
 def _describe_pairs(pairs: Sequence[tuple[int, int]], limit: int = 10) -> str:
-    shown = ", ".join(f"{listen}->{target}" for listen, target in pairs[:limit])
-    return shown + (f" and {len(pairs) - limit} more" if len(pairs) > limit else "")
+    listed = ", ".join(f"{listen}->{target}" for listen, target in pairs[:limit])
+    return listed + (f" and {len(pairs) - limit} more" if len(pairs) > limit else "")
 
 
 def _checked_pairs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -740,7 +740,7 @@ def test_ports_in_use_ipv6_listener(transport, host):
 
 
 def test_ports_in_use_sees_connected_port(transport):
-    # A connected socket holds its local port even though nothing listens on it.
+    # A connected socket occupies its local port even though nothing listens on it.
     script = (
         "import socket, time\n"
         "c = socket.create_connection(('127.0.0.1', 22))\n"
@@ -891,7 +891,7 @@ def reconfigure_sshd(host, line: str) -> None:
     host.exec(["kill", "-s", "HUP", str(listener)]).check()
 
     # After SIGHUP, sshd re-executes itself and accepts connections again. The
-    # old listener may still answer for a moment, hence the pause first.
+    # old listener may still accept a connection for a moment, hence the pause first.
     time.sleep(1.0)
 
     def answers() -> bool:
