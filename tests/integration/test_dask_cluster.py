@@ -324,3 +324,29 @@ def test_workers_exit_after_manager_is_killed(ssh_backend: Any, ssh_hosts: Any) 
         # The killed manager could not remove its temporary directories.
         for host in ssh_hosts:
             host.exec(["sh", "-c", "rm -rf /tmp/lazycluster-*"])
+
+
+def test_version_mismatch_on_real_host(make_ssh_hosts: Any) -> None:
+    from lazycluster.exceptions import VersionMismatchError
+    from lazycluster.transport import use_backend
+    from lazycluster.transport.ssh import SSHBackend
+
+    hosts = make_ssh_hosts(1)
+    host = hosts[0]
+    # Hide the package metadata of distributed, as an install of another version would change it.
+    locate = "import importlib.metadata as m; print(m.distribution('distributed')._path)"
+    dist_info = host.exec(["/usr/bin/python3", "-c", locate]).check().stdout.strip()
+    host.exec(["mv", dist_info, dist_info + ".hidden"]).check()
+
+    backend = SSHBackend(ssh_config_path=str(hosts.ssh_config_path))
+    with use_backend(backend):
+        group = RuntimeGroup(hosts=hosts.aliases)
+        try:
+            with pytest.raises(VersionMismatchError, match=f"'{host.alias}' has no installed version"):
+                DaskCluster(group, ports=PORTS).start(master_port=MASTER_PORT)
+        finally:
+            group.cleanup()
+            backend.close()
+
+    assert host.leftovers(temp_pattern=TEMP_PATTERN).is_clean
+    assert_manager_ports_free([MASTER_PORT, *PORTS[:1]])
