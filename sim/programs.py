@@ -142,6 +142,7 @@ class DaskScheduler(DaskProgram):
         self.dashboard_port = dashboard_port
         self.serving = False
         self.workers: dict[str, DaskWorker] = {}
+        self.worker_names: set[str] = set()
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> DaskScheduler:
@@ -177,16 +178,20 @@ class DaskScheduler(DaskProgram):
 
     def register(self, process: SimProcess, worker: DaskWorker) -> bool:
         """Accept a worker; a name taken by another worker is rejected like in distributed."""
-        if any(other.worker_name == worker.worker_name for other in self.workers.values()):
+        if worker.worker_name in self.worker_names:
             return False
         self.workers[worker.address] = worker
+        self.worker_names.add(worker.worker_name)
         log_line(process, self.logger_name, f"Register worker addr: {worker.address} name: {worker.worker_name}")
         log_line(process, "distributed.core", f"Starting established connection to {worker.address}")
         process.network.record(process.host.name, "scheduler.register", f"{worker.address} name={worker.worker_name}")
         return True
 
     def unregister(self, process: SimProcess, worker: DaskWorker) -> None:
-        if self.workers.pop(worker.address, None) is None or not process.alive:
+        if self.workers.pop(worker.address, None) is None:
+            return
+        self.worker_names.discard(worker.worker_name)
+        if not process.alive:
             return
         stimulus = f"handle-worker-cleanup-{process.network.clock.time():.7f}"
         log_line(
@@ -198,6 +203,7 @@ class DaskScheduler(DaskProgram):
     def on_exit(self, process: SimProcess) -> None:
         self.serving = False
         workers, self.workers = list(self.workers.values()), {}
+        self.worker_names.clear()
         for worker in workers:
             worker.lose_scheduler()
 

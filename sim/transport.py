@@ -7,12 +7,15 @@ paths in simulation too.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import posixpath
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from lazycluster.exceptions import (
@@ -346,7 +349,9 @@ class SimTransport(Transport):
 
     def ports_in_use(self, ports: Iterable[int]) -> set[int]:
         self._enter("ports_in_use")
-        port_list = [port if _is_port(port) else validate_port(port) for port in ports]
+        port_list = list(ports)
+        if port_list and not _all_ports(port_list):
+            port_list = [validate_port(port) for port in port_list]
         table = self.sim_host.ports
         used = {port for port in port_list if port in table}
         self.network.faults.after_port_check(self.sim_host, port_list, used)
@@ -364,7 +369,8 @@ class SimTransport(Transport):
         """Bind every listen port of the batch, or none of them when one is taken."""
         if not pairs:
             return []
-        listen_ports, target_ports = map(list, zip(*pairs, strict=True))
+        listen_ports = list(map(itemgetter(0), pairs))
+        target_ports = list(map(itemgetter(1), pairs))
         if self.is_local:
             self._check_listen_ports(listen_host, pairs)
             return self._forward_on_manager(kind, pairs)
@@ -375,7 +381,8 @@ class SimTransport(Transport):
         if not valid or len(listen_set) != len(listen_ports) or not listen_host.ports.keys().isdisjoint(listen_set):
             self._check_listen_ports(listen_host, pairs)
 
-        tunnels = list(map(partial(SimTunnel, self, kind), listen_ports, target_ports))
+        with _gc_paused():
+            tunnels = list(map(partial(SimTunnel, self, kind), listen_ports, target_ports))
         listen_host.ports.update(zip(listen_ports, tunnels, strict=True))
         self._tunnels.extend(tunnels)
         self.network.record(self.host, f"forward_{kind}", f"{len(tunnels)} tunnels")
@@ -439,12 +446,22 @@ class SimTransport(Transport):
         self.network.forget(self)
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a batch creates many objects.
+
+    Each collection triggered by the new objects would scan every tracked object
+    again. Pausing only defers collection to after the batch.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _all_ports(values: list[int]) -> bool:
     """Tell quickly whether every value is a valid port (an int, not a bool, from 1 to 65535)."""
     return set(map(type, values)) == {int} and min(values) >= 1 and max(values) <= 65535
-
-
-def _is_port(value: object) -> bool:
-    """Tell quickly whether `value` is a valid port; validate_port explains the invalid ones."""
-    return type(value) is int and 0 < value < 65536  # noqa: E721 - bool must not pass
-
