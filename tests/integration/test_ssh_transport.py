@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
 import stat
 import subprocess
@@ -1085,3 +1086,63 @@ def test_tunnels_survive_reconnect(ssh_backend, host):
     finally:
         transport.close()
         server.close()
+
+
+def test_default_key_in_home_ssh(ssh_hosts, tmp_path, monkeypatch):
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    default_key = home / ".ssh" / "id_ed25519"
+    default_key.write_bytes(Path(ssh_hosts.key_path).read_bytes())
+    default_key.chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    host = ssh_hosts[0]
+    config = write_config(
+        tmp_path / "config",
+        f"Host default-key\n    HostName 127.0.0.1\n    Port {host.port}\n    User {ssh_hosts.user}\n"
+        f"    UserKnownHostsFile {ssh_hosts.known_hosts_path}\n",
+    )
+    with SSHBackend(str(config)).connect("default-key") as transport:
+        assert transport.run(["whoami"]).stdout.strip() == ssh_hosts.user
+
+
+def test_passphrase_key_through_agent(ssh_hosts, tmp_path, monkeypatch):
+    host = ssh_hosts[0]
+    locked = tmp_path / "locked_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "agent words", "-f", str(locked)], check=True
+    )
+    public_key = Path(f"{locked}.pub").read_text().strip()
+    home = host.exec(["sh", "-c", f"getent passwd {ssh_hosts.user} | cut -d: -f6"]).stdout.strip()
+    host.exec(
+        ["sh", "-c", f"echo {shlex.quote(public_key)} >> {home}/.ssh/authorized_keys"]
+    ).check()
+
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        assert wait_for(socket_path.exists)
+        askpass = tmp_path / "askpass.sh"
+        askpass.write_text("#!/bin/sh\necho 'agent words'\n")
+        askpass.chmod(0o700)
+        env = {
+            **os.environ,
+            "SSH_AUTH_SOCK": str(socket_path),
+            "SSH_ASKPASS": str(askpass),
+            "SSH_ASKPASS_REQUIRE": "force",
+        }
+        subprocess.run(
+            ["ssh-add", "-q", str(locked)], env=env, check=True, stdin=subprocess.DEVNULL
+        )
+
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        config = write_config(
+            tmp_path / "config", host_block("via-agent", host, ssh_hosts, IdentityFile=str(locked))
+        )
+        with SSHBackend(str(config)).connect("via-agent") as transport:
+            assert transport.run(["true"]).ok
+    finally:
+        agent.terminate()
+        agent.wait(10)
+        line = public_key.split()[1]
+        host.exec(["sed", "-i", f"\\#{line}#d", f"{home}/.ssh/authorized_keys"]).check()
