@@ -115,3 +115,24 @@ def test_guide_shows_the_example_that_runs():
     example_lines = set(EXAMPLE.read_text().splitlines())
     missing = [line for line in block.splitlines() if line.strip() and line not in example_lines]
     assert missing == [], "lines of the guide's example that the tested file lacks"
+
+
+def test_failing_hypothesis_example_prints_replay_line(tmp_path):
+    (tmp_path / "test_property.py").write_text(
+        textwrap.dedent(
+            """
+            from hypothesis import given, settings
+            from sim.strategies import networks
+
+            @settings(max_examples=5, database=None)
+            @given(network=networks(min_hosts=2, max_hosts=3, max_faults=1))
+            def test_always_fails(network):
+                assert len(network.configured_hosts()) > 5
+            """
+        )
+    )
+    completed = run_pytest(tmp_path, "test_property.py")
+    assert completed.returncode == 1
+    assert "Replay with: Network({'h1':" in completed.stdout
+    assert "seed=" in completed.stdout
+    assert "faults=FaultPlan(" in completed.stdout
