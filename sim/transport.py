@@ -184,8 +184,8 @@ class SimTransport(Transport):
         if self._lost:
             raise ConnectionLostError(
                 self.host,
-                f"The connection to host {self.host!r} was lost during {operation} "
-                f"({self._lost_reason}). Check the host and reconnect.",
+                f"The connection to host {self.host!r} is lost ({self._lost_reason}), so "
+                f"{operation} failed. Check the host and reconnect.",
             )
 
     def _drop(self, reason: str) -> None:

@@ -53,7 +53,9 @@ def test_registered_handler_gets_argv_env_and_stdin(network):
     seen = {}
 
     def handler(call: sim.Call) -> int:
-        seen.update(argv=call.argv, color=call.env.get("COLOR"), stdin=call.stdin, host=call.host.name)
+        seen.update(
+            argv=call.argv, color=call.env.get("COLOR"), stdin=call.stdin, host=call.host.name
+        )
         call.write("handled")
         call.write_error("warning")
         return 4
@@ -114,18 +116,26 @@ def test_mkdir_rm_mktemp(network):
 
 
 def test_printf_repeats_format(network):
-    assert network.connect("h1").run(["printf", "%s=%d\n", "a", "1", "b", "2"]).stdout == "a=1\nb=2\n"
+    assert (
+        network.connect("h1").run(["printf", "%s=%d\n", "a", "1", "b", "2"]).stdout == "a=1\nb=2\n"
+    )
 
 
 def test_removed_executable_is_not_found(network):
     network.host("h1").executables.discard("python3")
-    result = network.connect("h1").run(host_commands.python_command(host_commands.HOST_INFO_SNIPPET))
+    result = network.connect("h1").run(
+        host_commands.python_command(host_commands.HOST_INFO_SNIPPET)
+    )
     assert result.exit_code == 127
 
 
 def test_host_info_snippet_reports_specs():
-    network = sim.Network({"gpu": {"cpu_cores": 32, "gpus": ["Tesla T4, 15360 MiB"], "python_version": "3.10.13"}})
-    result = network.connect("gpu").run(host_commands.python_command(host_commands.HOST_INFO_SNIPPET))
+    network = sim.Network(
+        {"gpu": {"cpu_cores": 32, "gpus": ["Tesla T4, 15360 MiB"], "python_version": "3.10.13"}}
+    )
+    result = network.connect("gpu").run(
+        host_commands.python_command(host_commands.HOST_INFO_SNIPPET)
+    )
     info = json.loads(result.stdout)
     assert info["cpu_cores"] == 32
     assert info["gpus"] == ["Tesla T4, 15360 MiB"]
@@ -136,7 +146,9 @@ def test_host_info_snippet_reports_specs():
 def test_distributed_version_snippet(network):
     network.host("h2").distributed_version = None
     command = host_commands.python_command(host_commands.DISTRIBUTED_VERSION_SNIPPET)
-    assert network.connect("h1").run(command).stdout.strip() == network.host("h1").distributed_version
+    assert (
+        network.connect("h1").run(command).stdout.strip() == network.host("h1").distributed_version
+    )
     assert network.connect("h2").run(command).stdout == ""
 
 

@@ -111,7 +111,7 @@ def test_drop_during_named_operation(network):
     network.faults.drop_connection("h1", operation="ports_in_use")
 
     assert transport.run(["true"]).ok
-    with pytest.raises(ConnectionLostError, match="ports_in_use"):
+    with pytest.raises(ConnectionLostError, match="dropped during ports_in_use"):
         transport.ports_in_use([80])
     with pytest.raises(ConnectionLostError):
         transport.run(["true"])

@@ -153,10 +153,14 @@ def test_task_uses_host_env(network):
 
 def test_runtime_task_with_registered_command(network):
     calls = []
-    network.register_command("train", lambda call: calls.append(call.host.name) or call.write("loss=0.1"))
+    network.register_command(
+        "train", lambda call: calls.append(call.host.name) or call.write("loss=0.1")
+    )
     with use_backend(network):
         group = RuntimeGroup(hosts=network.configured_hosts())
-        tasks = group.execute_task(RuntimeTask("train").run_command("train --epochs 1"), broadcast=True)
+        tasks = group.execute_task(
+            RuntimeTask("train").run_command("train --epochs 1"), broadcast=True
+        )
         group.join()
         assert sorted(calls) == ["h1", "h2", "h3"]
         assert all("loss=0.1" in "\n".join(task.execution_log) for task in tasks)
@@ -194,3 +198,38 @@ def test_dask_cluster_starts_registers_and_cleans_up(network):
         cluster.cleanup()
         group.cleanup()
     network.assert_clean()
+
+
+def test_manager_forward_to_same_port_is_noop(network):
+    manager = network.local()
+    tunnel = manager.forward_local([(8786, 8786)])[0]
+    assert tunnel.is_open
+    assert network.listening_ports("localhost") == {}
+    tunnel.close()
+    assert not tunnel.is_open
+
+
+def test_wait_without_timeout_on_endless_process_raises(network):
+    handle = network.connect("h1").start_process(["python3", "-m", "distributed.cli.dask_scheduler"])
+    network.clock.sleep(1)
+    with pytest.raises(RuntimeError, match="never exits"):
+        handle.wait()
+    handle.stop()
+
+
+def test_registered_program_models_background_process(network):
+    class Server(sim.Program):
+        name = "server"
+
+        def start(self, process: sim.SimProcess) -> None:
+            process.after(2.0, lambda: process.bind(9000))
+
+    network.register_program(lambda net, argv: Server() if argv[:1] == ["my-server"] else None)
+    transport = network.connect("h1")
+    handle = transport.start_process(["my-server", "--port", "9000"])
+
+    assert transport.ports_in_use([9000]) == set()
+    network.clock.sleep(2.5)
+    assert transport.ports_in_use([9000]) == {9000}
+    assert handle.stop() == 128 + 15
+    assert transport.ports_in_use([9000]) == set()

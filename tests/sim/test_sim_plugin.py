@@ -99,7 +99,11 @@ def test_backend_is_restored_after_test(tmp_path):
 
 def test_plugin_module_imports_without_sim_loaded():
     completed = subprocess.run(
-        [sys.executable, "-c", "import sys, sim.pytest_plugin; print('lazycluster' in sys.modules)"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, sim.pytest_plugin; print('lazycluster' in sys.modules)",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -28,7 +28,9 @@ def start_scheduler(network: sim.Network, port: int = SCHEDULER_PORT):
 
 def start_worker(network: sim.Network, host: str, port: int, name: str, death_timeout: float = 60):
     transport = network.local() if host == "localhost" else network.connect(host)
-    handle = transport.start_process(worker_command("python3", SCHEDULER_PORT, port, 1, name, death_timeout))
+    handle = transport.start_process(
+        worker_command("python3", SCHEDULER_PORT, port, 1, name, death_timeout)
+    )
     return transport, handle
 
 
@@ -153,12 +155,18 @@ def test_sigterm_frees_ports(network):
 
 def test_worker_without_scheduler_address_is_not_supported(network):
     with pytest.raises(NotImplementedError, match="scheduler address"):
-        network.connect("h1").start_process(["python3", "-m", "distributed.cli.dask_worker", "--nthreads", "1"])
+        network.connect("h1").start_process(
+            ["python3", "-m", "distributed.cli.dask_worker", "--nthreads", "1"]
+        )
 
 
 def test_unknown_worker_flags_are_ignored(network):
     scheduler = start_scheduler(network)
-    argv = worker_command("python3", SCHEDULER_PORT, 9001, 2, "w", 60) + ["--memory-limit", "2GB", "--new-flag"]
+    argv = worker_command("python3", SCHEDULER_PORT, 9001, 2, "w", 60) + [
+        "--memory-limit",
+        "2GB",
+        "--new-flag",
+    ]
     network.local().start_process(argv)
     network.clock.sleep(1)
     assert registered_worker_ports(scheduler.read_log()) == {9001}

@@ -41,7 +41,15 @@ def test_networks_note_replay_line(data):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(network=networks(min_hosts=1, max_hosts=4, max_faults=3, kinds=CLEANABLE_FAULTS, fault_hosts_include_manager=True))
+@given(
+    network=networks(
+        min_hosts=1,
+        max_hosts=4,
+        max_faults=3,
+        kinds=CLEANABLE_FAULTS,
+        fault_hosts_include_manager=True,
+    )
+)
 def test_cluster_start_leaves_nothing(network):
     """A start hit by faults succeeds or raises a LazyclusterError, and cleanup leaves nothing."""
     with use_backend(network):

@@ -287,7 +287,11 @@ def test_close_stops_processes_and_tunnels(world):
     world.transport.close()
 
     assert not handle.is_alive
-    assert world.manager.ports_in_use([listen]) == set() if world.manager is not world.transport else True
+    assert (
+        world.manager.ports_in_use([listen]) == set()
+        if world.manager is not world.transport
+        else True
+    )
 
 
 @pytest.mark.parametrize(
