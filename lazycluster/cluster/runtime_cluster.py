@@ -63,19 +63,11 @@ def print_process_log(title: str, process: ProcessHandle | None) -> None:
         print(f"(log {process.log_path!r} on host {process.host!r} is unreadable: {error})")
 
 
-class MasterLauncher(ABC):
-    """Strategy for starting the master instance of a cluster.
-
-    Subclasses implement `start`; they set `_port` and `_process` and add the
-    tunnels they open to `_tunnels`, so that `cleanup()` stops all of it.
-    """
+class _Launcher:
+    """State shared by both launcher kinds: the group and the manager's transport."""
 
     def __init__(self, runtime_group: RuntimeGroup) -> None:
-        """Keep the group in which the master serves workers."""
         self._group = runtime_group
-        self._port: int | None = None
-        self._process: ProcessHandle | None = None
-        self._tunnels: list[Tunnel] = []
         self._manager: Transport | None = None
 
     @property
@@ -87,6 +79,21 @@ class MasterLauncher(ABC):
         if self._manager is None:
             self._manager = manager_transport()
         return self._manager
+
+
+class MasterLauncher(_Launcher, ABC):
+    """Strategy for starting the master instance of a cluster.
+
+    Subclasses implement `start`; they set `_port` and `_process` and add the
+    tunnels they open to `_tunnels`, so that `cleanup()` stops all of it.
+    """
+
+    def __init__(self, runtime_group: RuntimeGroup) -> None:
+        """Keep the group in which the master serves workers."""
+        super().__init__(runtime_group)
+        self._port: int | None = None
+        self._process: ProcessHandle | None = None
+        self._tunnels: list[Tunnel] = []
 
     @property
     def port(self) -> int | None:
@@ -109,9 +116,10 @@ class MasterLauncher(ABC):
 
     def cleanup(self) -> None:
         """Close the master's tunnels and stop its process. Calling it twice is harmless."""
-        if self._manager is None:
-            return  # never started
-        clock = self._manager.clock
+        if self._process is None and not self._tunnels:
+            self._port = None
+            return
+        clock = self.manager.clock
         tunnels, self._tunnels = self._tunnels, []
         close_tunnels(tunnels, clock)
 
@@ -120,7 +128,7 @@ class MasterLauncher(ABC):
         self._port = None
 
 
-class WorkerLauncher(ABC):
+class WorkerLauncher(_Launcher, ABC):
     """Strategy for starting the worker instances of a cluster.
 
     Subclasses implement `start`; they add each started worker to `_workers`
@@ -130,22 +138,11 @@ class WorkerLauncher(ABC):
 
     def __init__(self, runtime_group: RuntimeGroup) -> None:
         """Keep the group in which the workers are started."""
-        self._group = runtime_group
+        super().__init__(runtime_group)
         self._ports_per_host: dict[str, list[int]] = {}
         self._workers: list[WorkerProcess] = []
         self._tunnels: list[Tunnel] = []
         self._lock = threading.Lock()
-        self._manager: Transport | None = None
-
-    @property
-    def manager(self) -> Transport:
-        """The manager's transport, from the backend active when first used.
-
-        Kept so that a cleanup at interpreter exit reaches the same machines.
-        """
-        if self._manager is None:
-            self._manager = manager_transport()
-        return self._manager
 
     @property
     def ports_per_host(self) -> dict[str, list[int]]:
@@ -374,12 +371,14 @@ class MasterWorkerCluster(RuntimeCluster):
         self._register_atexit()
         self._ports = self._worker_launcher.start(count, self.master_port, self._ports)
         if debug:
-            for worker in self._worker_launcher.workers:
-                print_process_log(f"{worker.name} on {worker.host}:{worker.port}", worker.process)
+            self._print_worker_logs()
 
     def print_log(self) -> None:
         """Print the log of the master and of every worker."""
         print_process_log("master", self._master_launcher.process)
+        self._print_worker_logs()
+
+    def _print_worker_logs(self) -> None:
         for worker in self._worker_launcher.workers:
             print_process_log(f"{worker.name} on {worker.host}:{worker.port}", worker.process)
 
@@ -393,8 +392,9 @@ class MasterWorkerCluster(RuntimeCluster):
             logger.info("Cluster stopped on hosts %s", ", ".join(self._group.hosts))
 
     def _register_atexit(self) -> None:
-        # Stops the processes when the interpreter exits without cleanup();
-        # a killed interpreter relies on the workers' death timeout instead.
+        # Stops the processes when the interpreter exits without cleanup(). A killed
+        # interpreter skips atexit: then the scheduler closes itself once its parent
+        # is gone, and the workers exit when they lose the scheduler.
         if not self._atexit_registered:
             atexit.register(self.cleanup)
             self._atexit_registered = True
