@@ -285,12 +285,19 @@ class RoundRobinLauncher(WorkerLauncher):
                 candidates, worker_count, busy, exclude=[master_port]
             )
             placement = [
-                (index, runtimes[index % len(runtimes)], port)
+                (index, self.choose_runtime(index, runtimes), port)
                 for index, port in enumerate(chosen, start=self._next_index)
             ]
             self._next_index += len(chosen)
             self._start_placed(manager, master_port, placement)
         return remaining
+
+    def choose_runtime(self, index: int, runtimes: list[Any]) -> Any:
+        """Return the runtime for worker `index`: runtime index mod N.
+
+        Subclasses override this to place workers by another rule.
+        """
+        return runtimes[index % len(runtimes)]
 
     def _start_placed(self, manager: Transport, master_port: int, placement: list[Any]) -> None:
         """Start the placed workers in parallel and open their tunnels; undo all on failure."""

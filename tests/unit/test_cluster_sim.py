@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import sim
 from lazycluster.cluster import MasterStartError, WorkerStartError
-from lazycluster.cluster.dask_cluster import DaskCluster, LocalMasterLauncher
+from lazycluster.cluster.dask_cluster import DaskCluster, LocalMasterLauncher, RoundRobinLauncher
 from lazycluster.exceptions import NoPortsLeftError, PortInUseError, VersionMismatchError
 from lazycluster.group import RuntimeGroup
 from lazycluster.transport import use_backend
@@ -294,3 +294,18 @@ def test_master_gives_up_after_repeated_bind_races() -> None:
         assert launcher.port is None
         for port in PORTS[:3]:
             network.release_port(manager, port)
+
+
+def test_custom_placement_by_subclass() -> None:
+    class LastHostLauncher(RoundRobinLauncher):
+        def choose_runtime(self, index: int, runtimes: list) -> object:  # type: ignore[override]
+            return runtimes[-1]
+
+    network = sim.Network(3, seed=12)
+
+    with simulated_group(network) as group:
+        launcher = LastHostLauncher(group)
+        with DaskCluster(group, ports=PORTS, worker_launcher=launcher) as cluster:
+            assert cluster._worker_launcher is launcher
+            assert launcher.ports_per_host == {"h3": PORTS[:3]}
+            assert worker_ports_listening(network, "h3") == PORTS[:3]
