@@ -61,24 +61,32 @@ def expect_start(
     return Expected(NoPortsLeftError, "workers", master)
 
 
-def check_round_robin(world: World, launcher: RoundRobinLauncher, killed: Iterable[int] = ()) -> None:
+def check_round_robin(
+    world: World, launcher: RoundRobinLauncher, killed: Iterable[int] = ()
+) -> None:
     """Worker i on runtime i mod N, balanced counts, ports_per_host equal to the live listeners."""
     hosts = world.group.hosts
     assert hosts == world.hosts, f"group order {hosts} differs from the requested {world.hosts}"
     workers = launcher.workers
     for worker in workers:
         expected = hosts[worker.index % len(hosts)]
-        assert worker.host == expected, f"worker {worker.index} runs on {worker.host}, expected {expected}"
+        assert worker.host == expected, (
+            f"worker {worker.index} runs on {worker.host}, expected {expected}"
+        )
 
     counts = Counter({host: 0 for host in hosts})
     counts.update(worker.host for worker in workers)
-    assert max(counts.values()) - min(counts.values()) <= 1, f"unbalanced worker counts {dict(counts)}"
+    assert max(counts.values()) - min(counts.values()) <= 1, (
+        f"unbalanced worker counts {dict(counts)}"
+    )
 
     per_host = launcher.ports_per_host
     dead = set(killed)
     for index, host in enumerate(hosts):
         recorded = per_host.get(host, [])
-        assert recorded == [w.port for w in sorted(workers, key=lambda w: w.index) if w.host == host]
+        assert recorded == [
+            w.port for w in sorted(workers, key=lambda w: w.index) if w.host == host
+        ]
         listening = world.worker_ports(index)
         assert listening == set(recorded) - dead, (
             f"host {host}: ports_per_host says {recorded} (killed {sorted(dead)}), workers listen on {sorted(listening)}"
@@ -97,7 +105,9 @@ def check_ports(cluster: DaskCluster, launcher: RoundRobinLauncher, expected: Ex
     """The master and worker ports and the remaining list are those of `expected`."""
     chosen = tuple(worker.port for worker in sorted(launcher.workers, key=lambda w: w.index))
     assert cluster.master_port == expected.master_port
-    assert chosen == expected.worker_ports, f"worker ports {chosen}, expected {expected.worker_ports}"
+    assert chosen == expected.worker_ports, (
+        f"worker ports {chosen}, expected {expected.worker_ports}"
+    )
     assert len(set(chosen)) == len(chosen)
     assert cluster.master_port not in chosen
     assert tuple(cluster.ports) == expected.remaining
@@ -115,7 +125,9 @@ def check_clean(world: World) -> None:
     assert not (left.running or left.temp_dirs), left.describe()
 
 
-def new_cluster(world: World, ports: Sequence[int], default_master_port: int) -> tuple[DaskCluster, RoundRobinLauncher]:
+def new_cluster(
+    world: World, ports: Sequence[int], default_master_port: int
+) -> tuple[DaskCluster, RoundRobinLauncher]:
     """Return a DaskCluster on the world's group with its own RoundRobinLauncher, not started."""
     launcher = RoundRobinLauncher(world.group)
     cluster = DaskCluster(world.group, ports=list(ports), worker_launcher=launcher)

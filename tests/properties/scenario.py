@@ -53,13 +53,19 @@ class Scenario:
         for where, program, seconds in self.delays:
             self._check_where(where)
             if program not in PROGRAMS or seconds < 0:
-                raise ValueError(f"Invalid delay {(where, program, seconds)!r}: expected a program of {PROGRAMS} and seconds >= 0.")
+                raise ValueError(
+                    f"Invalid delay {(where, program, seconds)!r}: expected a program of {PROGRAMS} and seconds >= 0."
+                )
             if (program == "scheduler") != (where == MANAGER):
-                raise ValueError(f"Invalid delay {(where, program, seconds)!r}: the scheduler runs on the manager, workers on hosts.")
+                raise ValueError(
+                    f"Invalid delay {(where, program, seconds)!r}: the scheduler runs on the manager, workers on hosts."
+                )
 
     def _check_where(self, where: Where) -> None:
         if where != MANAGER and not (isinstance(where, int) and 0 <= where < self.hosts):
-            raise ValueError(f"Invalid place {where!r}: expected {MANAGER!r} or a host index below {self.hosts}.")
+            raise ValueError(
+                f"Invalid place {where!r}: expected {MANAGER!r} or a host index below {self.hosts}."
+            )
 
     def taken_on(self, where: Where) -> set[int]:
         return {port for place, port in self.taken if place == where}
@@ -77,7 +83,9 @@ class Leftovers:
     temp_dirs: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        return "\n".join(["running or listening:", *self.running, "temporary dirs:", *self.temp_dirs])
+        return "\n".join(
+            ["running or listening:", *self.running, "temporary dirs:", *self.temp_dirs]
+        )
 
 
 class World(ABC):

@@ -41,7 +41,11 @@ def starts(draw: st.DrawFn, bed: Bed, max_taken: int = 6) -> Start:
     hosts = draw(st.integers(1, bed.max_hosts))
     places = st.sampled_from([MANAGER, *range(hosts)])
     taken = draw(
-        st.lists(st.tuples(places, st.sampled_from(PORT_UNIVERSE)), max_size=max_taken, unique_by=lambda t: t[1])
+        st.lists(
+            st.tuples(places, st.sampled_from(PORT_UNIVERSE)),
+            max_size=max_taken,
+            unique_by=lambda t: t[1],
+        )
     )
     workers = draw(st.integers(1, max_workers(bed, hosts)))
     ports = draw(st.lists(st.sampled_from(LIST_PORTS), min_size=0, max_size=workers + 4))
@@ -76,7 +80,11 @@ def any_outcome(draw: st.DrawFn, bed: Bed) -> tuple[Start, type[Exception] | Non
     """
     start = draw(starts(bed))
     ports = expect_start(
-        start.ports, start.scenario.taken_anywhere, start.workers, start.master_port, start.default_master_port
+        start.ports,
+        start.scenario.taken_anywhere,
+        start.workers,
+        start.master_port,
+        start.default_master_port,
     )
     # The master starts (or fails) before the workers' ports are chosen, and
     # the workers start only with enough ports.
@@ -94,4 +102,6 @@ def any_outcome(draw: st.DrawFn, bed: Bed) -> tuple[Start, type[Exception] | Non
         if slow_host < start.workers and ports.error is None:
             expected = WorkerStartError
     scenario = Scenario(start.scenario.hosts, start.scenario.taken, delays, start.scenario.seed)
-    return Start(scenario, start.ports, start.workers, start.master_port, start.default_master_port), expected
+    return Start(
+        scenario, start.ports, start.workers, start.master_port, start.default_master_port
+    ), expected

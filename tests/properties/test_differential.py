@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 from hypothesis import given, note
-
 from invariants import new_cluster
-from lazycluster.exceptions import LazyclusterError
 from profiles import DOCKER_SETTINGS
 from scenario import Bed
 from sim_world import SimBed
 from strategies import Start, any_outcome, bed_allowance
+
+from lazycluster.exceptions import LazyclusterError
 
 
 def outcome(bed: Bed, start: Start) -> dict[str, Any]:
@@ -34,11 +34,17 @@ def outcome(bed: Bed, start: Start) -> dict[str, Any]:
             result["error"] = type(error).__name__
         else:
             result["master_port"] = cluster.master_port
-            result["workers"] = sorted((w.index, world.index(w.host), w.port) for w in launcher.workers)
+            result["workers"] = sorted(
+                (w.index, world.index(w.host), w.port) for w in launcher.workers
+            )
             result["remaining"] = cluster.ports
-            result["listening"] = {index: sorted(world.worker_ports(index)) for index in range(len(world.hosts))}
+            result["listening"] = {
+                index: sorted(world.worker_ports(index)) for index in range(len(world.hosts))
+            }
             cluster.cleanup()
-        result["left_running"] = world.leftovers().running != []
+        left = world.leftovers().running
+        note(f"{bed.name} left running: {left}")
+        result["left_running"] = left != []
     return result
 
 

@@ -46,7 +46,11 @@ def test_port_choice_and_exhaustion(bed: Bed) -> None:
     def check(start: Start) -> None:
         scenario = start.scenario
         expected = expect_start(
-            start.ports, scenario.taken_anywhere, start.workers, start.master_port, start.default_master_port
+            start.ports,
+            scenario.taken_anywhere,
+            start.workers,
+            start.master_port,
+            start.default_master_port,
         )
         note(f"start: {start!r}\nexpected: {expected!r}")
         with bed.open(scenario) as world:
@@ -63,7 +67,9 @@ def test_port_choice_and_exhaustion(bed: Bed) -> None:
                 assert launcher.workers == []
                 check_nothing_running(world)
             else:
-                assert expected.error is None, f"start succeeded, expected {expected.error.__name__}"
+                assert expected.error is None, (
+                    f"start succeeded, expected {expected.error.__name__}"
+                )
                 try:
                     check_ports(cluster, launcher, expected)
                     check_round_robin(world, launcher)

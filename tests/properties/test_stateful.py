@@ -99,11 +99,15 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
             self.worker_ports += expected.worker_ports
             self.ports = list(expected.remaining)
 
-        @precondition(lambda self: self.world is not None and len(self.killed) < len(self.worker_ports))
+        @precondition(
+            lambda self: self.world is not None and len(self.killed) < len(self.worker_ports)
+        )
         @rule(data=st.data())
         def kill_worker(self, data: st.DataObject) -> None:
             assert self.world is not None
-            alive = [w for w in self.launcher.workers if w.port not in self.killed]
+            # Sorted, because the order of `workers` varies with the parallel starts on real hosts.
+            workers = sorted(self.launcher.workers, key=lambda w: w.index)
+            alive = [w for w in workers if w.port not in self.killed]
             worker = data.draw(st.sampled_from(alive), label="worker to kill")
             self.world.kill_worker(self.world.index(worker.host), worker.port)
             self.killed.add(worker.port)
@@ -122,7 +126,9 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
             if not free:
                 return
             port = data.draw(st.sampled_from(free), label="port to take")
-            where = data.draw(st.sampled_from([MANAGER, *range(len(self.world.hosts))]), label="where")
+            where = data.draw(
+                st.sampled_from([MANAGER, *range(len(self.world.hosts))]), label="where"
+            )
             self.world.take_port(where, port)
             self.taken.add(port)
 
@@ -144,7 +150,9 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
                 check_nothing_running(self.world)
                 return
             # `workers` is in the order the parallel starts finished; the index gives the round robin.
-            assert [w.port for w in sorted(self.launcher.workers, key=lambda w: w.index)] == self.worker_ports
+            assert [
+                w.port for w in sorted(self.launcher.workers, key=lambda w: w.index)
+            ] == self.worker_ports
             check_round_robin(self.world, self.launcher, self.killed)
             assert self.master is not None
             check_mesh(self.world, self.master, set(self.worker_ports) - self.killed)

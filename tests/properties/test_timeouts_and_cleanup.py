@@ -85,7 +85,9 @@ def worker_timings(draw: st.DrawFn, bed: Bed) -> tuple[Scenario, float, frozense
         timeout = round(allowance + draw(seconds(0.5, 3.0)), PLACES)
         low, high = SLOW_BY[bed.name]
         late = round(timeout + draw(seconds(low, high)), PLACES)
-        delays = tuple((index, "worker", late if index in slow_hosts else 0.0) for index in range(hosts))
+        delays = tuple(
+            (index, "worker", late if index in slow_hosts else 0.0) for index in range(hosts)
+        )
     else:
         delay = draw(seconds(0.0, 20.0) if bed.name == "sim" else seconds(0.0, 2.0))
         timeout = round(delay + allowance + draw(seconds(0.001, 1.0)), PLACES)
@@ -116,7 +118,9 @@ def test_worker_start_timeout(bed: Bed) -> None:
                 for index in range(scenario.hosts):
                     assert world.worker_ports(index) == set()
             else:
-                assert not slow_hosts, f"workers on {sorted(slow_hosts)} were late but the start succeeded"
+                assert not slow_hosts, (
+                    f"workers on {sorted(slow_hosts)} were late but the start succeeded"
+                )
                 assert len(launcher.workers) == scenario.hosts
             cluster.cleanup()
             check_nothing_running(world)
@@ -140,7 +144,9 @@ def test_cleanup_after_any_start(bed: Bed) -> None:
                 cluster.start(worker_count=start.workers, master_port=start.master_port)
             except LazyclusterError as error:
                 note(f"raised: {error!r}")
-                assert type(error) is expected, f"raised {type(error).__name__}, expected {expected}"
+                assert type(error) is expected, (
+                    f"raised {type(error).__name__}, expected {expected}"
+                )
                 assert cluster.master_port is None and launcher.workers == []
             else:
                 assert expected is None, f"start succeeded, expected {expected.__name__}"
