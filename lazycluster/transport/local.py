@@ -171,6 +171,7 @@ class LocalTransport(Transport):
         full_env = {**os.environ, **validate_env(env)}
         logger.debug("Running on host %s: %s", self.host, text)
 
+        cwd = os.path.expanduser(cwd) if cwd is not None else None
         if cwd is not None and not os.path.isdir(cwd):
             return CommandResult(self.host, text, 2, "", f"cd: {cwd}: No such directory\n")
         try:
@@ -240,6 +241,7 @@ class LocalTransport(Transport):
                 log_path = os.path.join(
                     self._make_temp_dir(), f"process-{next(self._log_numbers)}.log"
                 )
+        log_path = os.path.expanduser(log_path)
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
 
         with open(log_path, "ab") as log:
@@ -439,6 +441,7 @@ def port_is_bound(port: int) -> bool:
 
 def _copy(source: str, target: str, host: str) -> None:
     """Copy a file or folder to exactly `target`, creating parents and keeping modes."""
+    source, target = os.path.expanduser(source), os.path.expanduser(target)
     if not os.path.exists(source):
         raise FileNotFoundError(errno.ENOENT, f"No such file or folder on host {host!r}", source)
 

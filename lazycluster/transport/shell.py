@@ -36,6 +36,15 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def quote_path(path: str) -> str:
+    """Quote `path` for a POSIX shell, keeping a leading `~` or `~/` as the home folder."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:]) if path[2:] else '"$HOME"/'
+    return shlex.quote(path)
+
+
 def build_script(command: Command, env: Mapping[str, str], cwd: str | None) -> str:
     """Return a POSIX sh script that exports `env`, enters `cwd` and runs `command`.
 
@@ -43,7 +52,7 @@ def build_script(command: Command, env: Mapping[str, str], cwd: str | None) -> s
     """
     lines = [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
     if cwd is not None:
-        lines.append(f"cd -- {shlex.quote(cwd)} || exit")
+        lines.append(f"cd -- {quote_path(cwd)} || exit")
     lines.append(command_to_shell(command))
     return "\n".join(lines)
 

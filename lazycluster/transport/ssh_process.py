@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from lazycluster.clock import Clock
 from lazycluster.exceptions import CommandTimeoutError
 from lazycluster.transport.base import DEFAULT_STOP_GRACE, Command, ProcessHandle, command_to_shell
-from lazycluster.transport.shell import build_script, tail_lines
+from lazycluster.transport.shell import build_script, quote_path, tail_lines
 
 if TYPE_CHECKING:
     from lazycluster.transport.base import CommandResult
@@ -48,14 +48,14 @@ def start_script(
     body = build_script(
         command if isinstance(command, str) else f"exec {command_to_shell(command)}", env, cwd
     )
-    wrapper = f"trap : TERM INT HUP\n(\n{body}\n)\necho $? > {shlex.quote(exit_path)}"
-    log = shlex.quote(log_path)
+    wrapper = f"trap : TERM INT HUP\n(\n{body}\n)\necho $? > {quote_path(exit_path)}"
+    log = quote_path(log_path)
     directories = {posixpath.dirname(log_path) or ".", posixpath.dirname(exit_path) or "."}
     return "\n".join(
         [
             "command -v setsid >/dev/null || { echo 'setsid not found: install util-linux' >&2; exit 127; }",
-            f"mkdir -p -- {' '.join(shlex.quote(path) for path in sorted(directories))} || exit",
-            f"rm -f -- {shlex.quote(exit_path)}",
+            f"mkdir -p -- {' '.join(quote_path(path) for path in sorted(directories))} || exit",
+            f"rm -f -- {quote_path(exit_path)}",
             f"setsid /bin/sh -c {shlex.quote(wrapper)} </dev/null >>{log} 2>&1 &",
             "echo $!",
         ]
@@ -119,7 +119,7 @@ class SSHProcess(ProcessHandle):
         # written its exit file already, unless it was killed.
         result = self._run_script(
             f"cat /proc/{self.pid}/stat 2>/dev/null; echo {SEPARATOR}; "
-            f"cat -- {shlex.quote(self.exit_path)} 2>/dev/null; true"
+            f"cat -- {quote_path(self.exit_path)} 2>/dev/null; true"
         )
         stat_text, _, exit_text = result.stdout.partition(SEPARATOR)
         exit_text = exit_text.strip()
@@ -172,7 +172,7 @@ class SSHProcess(ProcessHandle):
         return code
 
     def read_log(self, max_lines: int | None = None) -> str:
-        log = shlex.quote(self.log_path)
+        log = quote_path(self.log_path)
         if max_lines is None:
             result = self._run_script(f"cat -- {log} 2>/dev/null; true")
             return result.stdout

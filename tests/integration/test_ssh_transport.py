@@ -1146,3 +1146,17 @@ def test_passphrase_key_through_agent(ssh_hosts, tmp_path, monkeypatch):
         agent.wait(10)
         line = public_key.split()[1]
         host.exec(["sed", "-i", f"\\#{line}#d", f"{home}/.ssh/authorized_keys"]).check()
+
+
+def test_home_relative_paths(transport):
+    log_path = "~/lazycluster-home-test/out.log"
+    try:
+        process = transport.start_process(["pwd"], cwd="~", log_path=log_path)
+        assert process.wait(timeout=10) == 0
+        home = transport.run("echo $HOME").stdout.strip()
+        assert process.read_log() == f"{home}\n"
+        assert transport.run(["pwd"], cwd="~/lazycluster-home-test").stdout.strip() == (
+            f"{home}/lazycluster-home-test"
+        )
+    finally:
+        transport.run(["rm", "-rf", "lazycluster-home-test"])

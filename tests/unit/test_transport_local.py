@@ -497,3 +497,13 @@ def test_close_leaves_no_threads_or_ports():
     assert local.tunnels == []
     assert local.processes == []
     assert wait_for(lambda: set(threading.enumerate()) <= before)
+
+
+def test_home_relative_paths(transport, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    process = transport.start_process(["pwd"], cwd="~", log_path="~/logs/out.log")
+    assert process.wait(10) == 0
+    assert (tmp_path / "logs" / "out.log").read_text() == f"{tmp_path}\n"
+    assert transport.run(["pwd"], cwd="~/logs").stdout.strip() == str(tmp_path / "logs")
+    transport.put(str(tmp_path / "logs" / "out.log"), "~/copy.log")
+    assert (tmp_path / "copy.log").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lazycluster.transport.shell import LineSplitter, build_script, validate_env
+from lazycluster.transport.shell import LineSplitter, build_script, quote_path, validate_env
 from lazycluster.transport.ssh import parse_socket_table
 from lazycluster.transport.ssh_config import (
     JumpHost,
@@ -212,3 +212,11 @@ def test_line_splitter_handles_split_utf8_and_last_line():
         splitter.feed(data[index : index + 1])
     splitter.flush()
     assert lines == ["grüße", "zweite"]
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("~", '"$HOME"'), ("~/a b", "\"$HOME\"/'a b'"), ("/x/~y", "'/x/~y'"), ("~user/x", "'~user/x'")],
+)
+def test_quote_path_keeps_home(path, expected):
+    assert quote_path(path) == expected
