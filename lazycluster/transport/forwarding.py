@@ -67,6 +67,8 @@ class StreamRelay:
         self._on_done = on_done
         self._lock = threading.Lock()
         self._running = 2
+        # NOTE: two threads per stream keep the code simple, but a mesh with
+        # many thousands of concurrent streams needs a selector-based relay.
         self._threads = [
             threading.Thread(
                 target=self._pump, args=(left, right), name=f"{name}-out", daemon=True
