@@ -12,6 +12,7 @@ tcp://127.0.0.1:<port> and only SSH has to be open between the machines.
 from __future__ import annotations
 
 import logging
+import math
 import posixpath
 import sys
 import threading
@@ -71,8 +72,10 @@ def validate_timeout(timeout: Any, name: str = "timeout") -> float:
     """Return `timeout` as a positive number of seconds, or raise TypeError/ValueError."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"Invalid {name} {timeout!r}: expected a number of seconds.")
-    if timeout <= 0:
-        raise ValueError(f"Invalid {name} {timeout!r}: expected a number of seconds above 0.")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(
+            f"Invalid {name} {timeout!r}: expected a finite number of seconds above 0."
+        )
     return float(timeout)
 
 
@@ -411,6 +414,7 @@ class DaskCluster(MasterWorkerCluster):
         seconds raise WorkerStartError naming host, port and log tail; then all
         workers are stopped.
         """
+        timeout = validate_timeout(self.worker_start_timeout, "worker_start_timeout")
         workers_before = self._worker_launcher.workers
         super().start_workers(count, debug=False)
         new_workers = [w for w in self._worker_launcher.workers if w not in workers_before]
@@ -420,9 +424,7 @@ class DaskCluster(MasterWorkerCluster):
             clock = self._master_launcher.manager.clock
             started_at = clock.monotonic()
             try:
-                wait_for_registration(
-                    scheduler, self.master_port, new_workers, self.worker_start_timeout, clock
-                )
+                wait_for_registration(scheduler, self.master_port, new_workers, timeout, clock)
             except BaseException:
                 self._worker_launcher.cleanup()
                 raise

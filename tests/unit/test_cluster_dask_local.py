@@ -349,9 +349,23 @@ def test_constructor_rejects_bad_ports(group: RuntimeGroup) -> None:
         DaskCluster(group, ports=[0])
 
 
-def test_launcher_timeout_must_be_positive(group: RuntimeGroup) -> None:
-    with pytest.raises(ValueError, match="timeout -1"):
-        LocalMasterLauncher(group).start(MASTER_PORT, timeout=-1)
+@pytest.mark.parametrize("bad", [-1, 0, float("nan"), float("inf")])
+def test_launcher_timeout_must_be_finite_positive(group: RuntimeGroup, bad: float) -> None:
+    with pytest.raises(ValueError, match=f"timeout {bad!r}"):
+        LocalMasterLauncher(group).start(MASTER_PORT, timeout=bad)
+
+
+def test_worker_start_timeout_checked_before_start(
+    backend: HostsBackend, group: RuntimeGroup
+) -> None:
+    cluster = DaskCluster(group, ports=PORTS)
+    cluster.worker_start_timeout = float("nan")
+
+    with pytest.raises(ValueError, match="worker_start_timeout nan"):
+        cluster.start(master_port=MASTER_PORT)
+
+    assert [p for t in backend.connected for p in t.processes] == []
+    assert_nothing_left(backend)
 
 
 def test_round_robin_rejects_bad_count(group: RuntimeGroup) -> None:
