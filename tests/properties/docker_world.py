@@ -115,7 +115,7 @@ class DockerWorld(World):
             if line.split()[2:4] == ["-m", "distributed.cli.dask_worker"]
         }
         found: dict[int, int] = {}
-        # Only the owner of a socket sees its process in `ss -p` inside the container.
+        # Inside the container, `ss -p` shows the process of a socket only to its owner.
         for line in (
             host.exec(["ss", "-H", "-l", "-t", "-n", "-p"], user=host.user)
             .check()

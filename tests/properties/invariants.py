@@ -1,9 +1,9 @@
 """The invariants of design.md, checked on a `World`, and the expected port choice.
 
-`expect_start` is the specification of port choice written out: the master on
-the given port, else on the default port when free everywhere, else on the
-first free port of the list; then the first free ports of the rest for the
-workers. The properties compare the library with it and with the invariants.
+`expect_start` writes out the specification of port choice. The master takes
+the given port, else the default port when it is free everywhere, else the
+first free port of the list. The workers then take the first free ports of
+the rest. The properties compare the library with it and with the invariants.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def check_round_robin(
 
 
 def check_mesh(world: World, master_port: int, worker_ports: Iterable[int]) -> None:
-    """The master port and every worker port answer on every host and on the manager."""
+    """Check that the master port and every worker port listen on every host and on the manager."""
     wanted = {master_port, *worker_ports}
     for where in [MANAGER, *range(len(world.hosts))]:
         missing = wanted - world.listening(where, wanted)

@@ -13,9 +13,9 @@ SIM_SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# A Docker example takes seconds: the minimum the issue asks for, no shrinking
-# (each shrink step would restart clusters) and no example database, so that
-# examples saved by simulator runs are not replayed on real hosts.
+# A Docker example takes seconds, so each property runs 5 of them without
+# shrinking, because each shrink step would start clusters again. Without an
+# example database, examples saved by simulator runs are not replayed here.
 DOCKER_SETTINGS = settings(
     max_examples=5,
     deadline=None,

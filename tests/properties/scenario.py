@@ -1,7 +1,7 @@
 """One description of a test situation, built the same way on the simulator and on Docker hosts.
 
 A `Scenario` names N hosts, the ports that something outside the library
-already holds (on given hosts or on the manager) and how late given programs
+already listens on (on given hosts or on the manager) and how late given programs
 start. `World` is that scenario made real on one backend: a `RuntimeGroup` of
 the N hosts plus the questions the properties ask (which ports listen, what
 did the library leave behind) and the faults they inject while running.
@@ -36,7 +36,7 @@ Where = int | str  # a host index, or MANAGER
 class Scenario:
     """N hosts, ports already taken and start delays; `seed` drives the simulator's randomness.
 
-    `taken` holds (where, port) pairs. `delays` holds (where, program, seconds):
+    `taken` contains (where, port) pairs. `delays` contains (where, program, seconds):
     "scheduler" runs on MANAGER only, "worker" on host indexes.
     """
 

@@ -21,8 +21,8 @@ class SimWorld(World):
     # takes no virtual time, so a timeout at the delay already suffices.
     start_allowance = 0.0
     # The library polls with waits growing to 0.5 s but never sleeps past its
-    # deadline, and simulated Dask programs exit at once on SIGTERM: half a
-    # second of virtual time is one poll step of slack, more would be a bug.
+    # deadline, and simulated Dask programs exit at once on SIGTERM. So half a
+    # second of virtual time is one poll step of slack, and more is a bug.
     timeout_margin = 0.5
 
     def __init__(self, scenario: Scenario) -> None:

@@ -10,8 +10,8 @@ from scenario import MANAGER, PORT_UNIVERSE, Bed, Scenario
 
 from lazycluster.cluster import MasterStartError, WorkerStartError
 
-# The first ports of the universe serve as candidate lists; the last ones as
-# explicit and default master ports, so both kinds can collide with the list.
+# Candidate lists come from the first ports of the universe and master ports
+# from the last ones. The ranges overlap, so a master port can be in the list.
 LIST_PORTS = PORT_UNIVERSE[:40]
 MASTER_PORTS = PORT_UNIVERSE[30:]
 

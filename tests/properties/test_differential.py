@@ -1,8 +1,8 @@
 """The same seeded scenario on the simulator and on Docker hosts gives the same observable outcome.
 
-Observable: the error type, or the master port, each worker's index, host
-index and port, the ports left in the list and the ports the workers listen
-on; and whether anything was left running. Host names differ between the
+Observable means the error type, or else the master port, each worker's
+index, host index and port, the ports left in the list and the ports the
+workers listen on. Whether anything was left running is observable too. Host names differ between the
 backends, so hosts are compared by their index in the group.
 """
 
