@@ -11,6 +11,8 @@ virtualenvs between runs, so only the first run pays for installs.
 
 from __future__ import annotations
 
+import shutil
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -74,3 +76,16 @@ def demo(session: nox.Session) -> None:
     install_project(session)
     docker_up_and_build(session)
     session.run("python", "-m", "containers.demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks on 3 SSH hosts in Docker and on the simulator; writes docs/benchmarks.md."""
+    install_project(session)
+    # asyncssh only for Dask's SSHCluster, the alternative measured beside ours.
+    session.install("asyncssh")
+    if shutil.which("ssh") is None:
+        # OpenSSH's client is the baseline of the command and tunnel figures.
+        session.run("apt-get", "install", "-y", "openssh-client", external=True)
+    docker_up_and_build(session)
+    session.run("python", "-m", "bench.run", *session.posargs)
