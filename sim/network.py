@@ -35,6 +35,7 @@ DEFAULT_START_DELAYS = {"scheduler": 0.5, "worker": 0.3}
 START_JITTER = 0.2
 FIRST_PID = 1000
 MAX_ROUTE_HOPS = 8
+EPHEMERAL_PORTS = range(32768, 61000)
 
 
 def unmodeled_executable(call: Call) -> int:
@@ -249,6 +250,13 @@ class Network(Backend):
             if key in self.start_delays:
                 return self.start_delays[key]
         return DEFAULT_START_DELAYS.get(program, 0.0) + self.random.uniform(0, START_JITTER)
+
+    def free_ephemeral_port(self, host: SimHost) -> int:
+        """Pick a free port of Linux's default ephemeral range (32768-60999), as bind(0) does."""
+        while True:
+            port = self.random.randrange(EPHEMERAL_PORTS.start, EPHEMERAL_PORTS.stop)
+            if port not in host.ports:
+                return port
 
     def resolve(self, host: str, port: int) -> tuple[SimProcess, list[SimTunnel]] | None:
         """Follow tunnels from `host`:`port` to the process listening at the end, if any."""

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sim.host import SimHost
     from sim.network import Network
 
+SIGINT = int(signal.SIGINT)
 SIGTERM = int(signal.SIGTERM)
 SIGKILL = int(signal.SIGKILL)
 

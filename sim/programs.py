@@ -12,7 +12,7 @@ import posixpath
 from typing import TYPE_CHECKING
 
 from sim.commands import is_python
-from sim.process import SIGTERM, Program, SimProcess
+from sim.process import SIGINT, SIGTERM, Program, SimProcess
 
 if TYPE_CHECKING:
     from sim.network import Network
@@ -97,11 +97,11 @@ def log_line(process: SimProcess, logger_name: str, message: str, level: str = "
     process.log(f"{stamp} - {logger_name} - {level} - {message}")
 
 
-def address_in_use(process: SimProcess, logger_name: str, port: int) -> None:
+def address_in_use(process: SimProcess, role: str, port: int) -> None:
     """Log the failure of a bind to a taken port and exit with 1, like the real CLI."""
-    log_line(process, logger_name, f"Failed to bind to 127.0.0.1:{port}", "ERROR")
     process.log("Traceback (most recent call last):")
     process.log(f"OSError: [Errno 98] Address already in use: ('127.0.0.1', {port})")
+    process.log(f"RuntimeError: {role} failed to start.")
     process.exit(1, f"port {port} in use")
 
 
@@ -126,9 +126,17 @@ class DaskProgram(Program):
         """Bind ports and begin serving once the start delay has passed."""
 
     def on_signal(self, process: SimProcess, signum: int) -> None:
-        if signum == SIGTERM:
-            log_line(process, self.logger_name, "Received signal SIGTERM (15)")
-        process.exit(128 + signum, f"signal {signum}")
+        """Close at once: the real CLI handles SIGTERM (and SIGINT) and exits with 0."""
+        if signum not in (SIGTERM, SIGINT):
+            process.exit(128 + signum, f"signal {signum}")
+            return
+        name = "SIGTERM" if signum == SIGTERM else "SIGINT"
+        log_line(process, "distributed._signals", f"Received signal {name} ({signum})")
+        self.close(process, f"signal-{signum}")
+        process.exit(0, f"signal {signum}")
+
+    def close(self, process: SimProcess, reason: str) -> None:
+        """Write the log lines of a graceful close."""
 
 
 class DaskScheduler(DaskProgram):
@@ -137,8 +145,9 @@ class DaskScheduler(DaskProgram):
     name = "scheduler"
     logger_name = "distributed.scheduler"
 
-    def __init__(self, port: int, dashboard_port: int | None) -> None:
+    def __init__(self, port: int, dashboard_port: int) -> None:
         self.port = port
+        # The HTTP server (dashboard, /health) listens even with --no-dashboard; 0 picks a free port.
         self.dashboard_port = dashboard_port
         self.serving = False
         self.workers: dict[str, DaskWorker] = {}
@@ -147,12 +156,8 @@ class DaskScheduler(DaskProgram):
     @classmethod
     def from_options(cls, options: dict[str, str]) -> DaskScheduler:
         port = int(options.get("--port", "8786"))
-        dashboard: int | None = 8787
-        if "--no-dashboard" in options:
-            dashboard = None
-        elif "--dashboard-address" in options:
-            dashboard = port_of(options["--dashboard-address"])
-        return cls(port, dashboard)
+        dashboard = port_of(options.get("--dashboard-address", ":8787"))
+        return cls(port, 8787 if dashboard is None else dashboard)
 
     @property
     def address(self) -> str:
@@ -164,17 +169,35 @@ class DaskScheduler(DaskProgram):
 
     def ready(self, process: SimProcess) -> None:
         if not process.bind(self.port):
-            address_in_use(process, self.logger_name, self.port)
+            address_in_use(process, "Scheduler", self.port)
             return
+        dashboard = self.bind_dashboard(process)
         log_line(process, self.logger_name, "State start")
+        log_line(process, self.logger_name, "-----------------------------------------------")
         log_line(process, self.logger_name, f"  Scheduler at: {self.address:>25}")
-        if self.dashboard_port is not None:
-            if process.bind(self.dashboard_port):
-                log_line(process, self.logger_name, f"  dashboard at:  http://127.0.0.1:{self.dashboard_port}/status")
-            else:
-                log_line(process, "distributed.node", f"Port {self.dashboard_port} is already in use.", "WARNING")
+        log_line(process, self.logger_name, f"  dashboard at:  http://127.0.0.1:{dashboard}/status")
+        log_line(process, self.logger_name, "Registering Worker plugin shuffle")
         self.serving = True
         process.network.record(process.host.name, "scheduler.ready", self.address)
+
+    def bind_dashboard(self, process: SimProcess) -> int:
+        """Bind the HTTP server's port; a taken one is replaced by a free port with a warning."""
+        requested = self.dashboard_port
+        if requested and process.bind(requested):
+            return requested
+        port = process.network.free_ephemeral_port(process.host)
+        process.bind(port)
+        if requested:
+            process.log(f"UserWarning: Port {requested} is already in use.")
+            process.log("Perhaps you already have a cluster running?")
+            process.log(f"Hosting the HTTP server on port {port} instead")
+        return port
+
+    def close(self, process: SimProcess, reason: str) -> None:
+        log_line(process, self.logger_name, f"Closing scheduler. Reason: {reason}")
+        log_line(process, self.logger_name, "Scheduler closing all comms")
+        log_line(process, self.logger_name, f"Stopped scheduler at {self.address!r}")
+        log_line(process, self.logger_name, "End scheduler")
 
     def register(self, process: SimProcess, worker: DaskWorker) -> bool:
         """Accept a worker; a name taken by another worker is rejected like in distributed."""
@@ -183,7 +206,7 @@ class DaskScheduler(DaskProgram):
         self.workers[worker.address] = worker
         self.worker_names.add(worker.worker_name)
         log_line(process, self.logger_name, f"Register worker addr: {worker.address} name: {worker.worker_name}")
-        log_line(process, "distributed.core", f"Starting established connection to {worker.address}")
+        log_line(process, self.logger_name, f"Starting worker compute stream, {worker.address}")
         process.network.record(process.host.name, "scheduler.register", f"{worker.address} name={worker.worker_name}")
         return True
 
@@ -267,12 +290,17 @@ class DaskWorker(DaskProgram):
     def ready(self, process: SimProcess) -> None:
         self.process = process
         if not process.bind(self.listen_port):
-            address_in_use(process, self.logger_name, self.listen_port)
+            address_in_use(process, "Worker", self.listen_port)
             return
+        # NOTE: the worker's HTTP server is not modeled. A real one listens on a
+        # random free port (with --dashboard-address 127.0.0.1:0), which can take
+        # a port that the library later picks for another worker.
         log_line(process, self.logger_name, f"      Start worker at: {self.address:>26}")
         log_line(process, self.logger_name, f"         Listening to: {self.address:>26}")
         log_line(process, self.logger_name, f"          Worker name: {self.worker_name:>26}")
         log_line(process, self.logger_name, f"Waiting to connect to: {self.scheduler_address:>26}")
+        log_line(process, self.logger_name, "-------------------------------------------------")
+        log_line(process, self.logger_name, f"              Threads: {self.nthreads:>26}")
         self.waiting_since = process.network.clock.monotonic()
         self.try_register()
 
@@ -323,6 +351,10 @@ class DaskWorker(DaskProgram):
         log_line(process, self.logger_name, "Connection to scheduler broken. Reconnecting...")
         self.waiting_since = process.network.clock.monotonic()
         process.after(CONNECT_RETRY_INTERVAL, self.try_register)
+
+    def close(self, process: SimProcess, reason: str) -> None:
+        log_line(process, self.logger_name, f"Stopping worker at {self.address}. Reason: {reason}")
+        log_line(process, "distributed.dask_worker", "End worker")
 
     def on_exit(self, process: SimProcess) -> None:
         scheduler, self.scheduler = self.scheduler, None

@@ -7,7 +7,7 @@ import pytest
 import sim
 from lazycluster import Runtime, RuntimeGroup, RuntimeManager, RuntimeTask
 from lazycluster.cluster.dask_cluster import DaskCluster
-from lazycluster.exceptions import NoRuntimesDetectedError
+from lazycluster.exceptions import NoRuntimesDetectedError, TaskExecutionError
 from lazycluster.transport import get_backend, set_backend, use_backend
 
 
@@ -233,3 +233,32 @@ def test_registered_program_models_background_process(network):
     assert transport.ports_in_use([9000]) == {9000}
     assert handle.stop() == 128 + 15
     assert transport.ports_in_use([9000]) == set()
+
+
+def test_async_task_runs_function_from_payload_file(network):
+    def triple(value: int) -> int:
+        return value * 3
+
+    with use_backend(network):
+        runtime = Runtime("h1")
+        task = RuntimeTask("async").run_function(triple, value=5)
+        runtime.execute_task(task, execute_async=True)
+        runtime.join()
+        assert list(task.function_returns) == [15]
+        assert [path for path in network.files("h1", runtime.working_dir) if path.endswith(".pickle")] == []
+        runtime.cleanup()
+    network.assert_clean()
+
+
+def test_async_task_function_error_fails_task(network):
+    def broken() -> None:
+        raise KeyError("missing")
+
+    with use_backend(network):
+        runtime = Runtime("h1")
+        task = RuntimeTask("async-error").run_function(broken)
+        runtime.execute_task(task, execute_async=True)
+        with pytest.raises(TaskExecutionError, match="KeyError"):
+            runtime.join()
+        runtime.cleanup()
+    network.assert_clean()

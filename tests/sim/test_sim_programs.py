@@ -6,8 +6,10 @@ import pytest
 
 import sim
 from lazycluster.cluster.dask_commands import (
+    dashboard_port_in_log,
     registered_worker_ports,
     scheduler_command,
+    scheduler_serves,
     worker_command,
 )
 
@@ -57,6 +59,7 @@ def test_scheduler_port_taken_meanwhile_exits_1(network):
 
     assert scheduler.wait(timeout=5) == 1
     assert "Address already in use" in scheduler.read_log()
+    assert "RuntimeError: Scheduler failed to start." in scheduler.read_log()
 
 
 def test_worker_on_manager_registers_directly(network):
@@ -145,12 +148,42 @@ def test_worker_port_taken_before_bind_exits_1(network):
     assert "Address already in use" in worker.read_log()
 
 
-def test_sigterm_frees_ports(network):
+def test_sigterm_closes_gracefully_and_frees_ports(network):
     scheduler = start_scheduler(network)
     network.clock.sleep(1)
-    assert scheduler.stop() == 128 + 15
+    assert scheduler.stop() == 0
     assert network.local().ports_in_use([SCHEDULER_PORT]) == set()
-    assert "Received signal SIGTERM (15)" in scheduler.read_log()
+    assert "distributed._signals - INFO - Received signal SIGTERM (15)" in scheduler.read_log()
+    assert "End scheduler" in scheduler.read_log()
+
+
+def test_sigkill_exits_137(network):
+    _, worker = start_worker(network, "h1", 9001, "h1-0")
+    network.clock.sleep(1)
+    worker.process.signal(9)
+    assert worker.poll() == 128 + 9
+    assert network.connect("h1").ports_in_use([9001]) == set()
+
+
+def test_taken_dashboard_port_moves_to_free_port(network):
+    network.hold_port("localhost", 8787)
+    scheduler = network.local().start_process(scheduler_command(SCHEDULER_PORT, 8787))
+    network.clock.sleep(1)
+    log = scheduler.read_log()
+    assert "Port 8787 is already in use." in log
+    port = dashboard_port_in_log(log)
+    assert port is not None
+    assert port != 8787
+    assert network.local().ports_in_use([port]) == {port}
+
+
+def test_no_dashboard_still_serves_http_on_free_port(network):
+    scheduler = start_scheduler(network)
+    network.clock.sleep(1)
+    port = dashboard_port_in_log(scheduler.read_log())
+    assert port is not None
+    assert 32768 <= port < 61000
+    assert scheduler_serves(scheduler.read_log(), SCHEDULER_PORT)
 
 
 def test_worker_without_scheduler_address_is_not_supported(network):
