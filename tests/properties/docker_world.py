@@ -187,6 +187,7 @@ class DockerBed(Bed):
     """The session's Docker hosts and one SSHBackend for all worlds."""
 
     name = "docker"
+    start_allowance = DockerWorld.start_allowance
 
     def __init__(self, ssh_hosts: Any) -> None:
         from lazycluster.transport.ssh import SSHBackend

@@ -161,6 +161,8 @@ class Bed(ABC):
 
     name: str
     max_hosts: int
+    # The start_allowance of this bed's worlds, for strategies that size timeouts.
+    start_allowance: float
 
     @abstractmethod
     def open(self, scenario: Scenario) -> World:

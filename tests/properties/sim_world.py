@@ -103,6 +103,7 @@ class SimWorld(World):
 class SimBed(Bed):
     name = "sim"
     max_hosts = 6
+    start_allowance = SimWorld.start_allowance
 
     def open(self, scenario: Scenario) -> World:
         return SimWorld(scenario)

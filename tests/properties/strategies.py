@@ -66,10 +66,7 @@ def free_starts(draw: st.DrawFn, bed: Bed) -> Start:
 
 
 def bed_allowance(bed: Bed) -> float:
-    from docker_world import DockerWorld
-    from sim_world import SimWorld
-
-    return (DockerWorld if bed.name == "docker" else SimWorld).start_allowance
+    return bed.start_allowance
 
 
 @st.composite

@@ -1,4 +1,6 @@
-"""A rule-based state machine: start, add workers, kill a worker, clean up, take and free ports.
+"""A rule-based state machine: start, add workers, kill a worker, clean up, and faults.
+
+The faults take and free ports and slow down or speed up the workers of a host.
 
 One DaskCluster lives through a whole run, so the port list shrinks across
 starts and a cleaned-up cluster starts again. The model keeps what must hold
@@ -28,8 +30,9 @@ from invariants import (
 )
 from profiles import settings_for
 from scenario import MANAGER, PORT_UNIVERSE, Bed, Scenario, World
-from strategies import seeds
+from strategies import bed_allowance, seeds
 
+from lazycluster.cluster import WorkerStartError
 from lazycluster.exceptions import LazyclusterError
 
 LIST_PORTS = PORT_UNIVERSE[:16]
@@ -38,6 +41,10 @@ DEFAULT_MASTER_PORT = PORT_UNIVERSE[-1]
 # Steps per run: the simulator affords long runs; on Docker each step starts
 # or stops real processes, so a run stays short.
 STEPS = {"sim": 25, "docker": 5}
+
+# Seconds a worker on a slowed host starts late: far beyond the worker start
+# timeout of the machine, which is the backend's start allowance plus 2 s.
+LATE = 60.0
 
 
 def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
@@ -51,11 +58,15 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
             self.world = bed.open(Scenario(hosts=hosts, seed=seed))
             note(self.world.describe())
             self.cluster, self.launcher = new_cluster(self.world, LIST_PORTS, DEFAULT_MASTER_PORT)
+            self.cluster.worker_start_timeout = bed_allowance(bed) + 2.0
             self.ports = list(LIST_PORTS)
             self.taken: set[int] = set()
             self.master: int | None = None
             self.worker_ports: list[int] = []
             self.killed: set[int] = set()
+            self.slow_hosts: set[int] = set()
+            # Index of the next worker; worker i runs on host i mod N.
+            self.next_index = 0
 
         @property
         def running(self) -> bool:
@@ -64,13 +75,25 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
         def in_use(self) -> set[int]:
             return {self.master, *self.worker_ports} if self.master is not None else set()
 
+        def place(self, count: int) -> bool:
+            """Advance the round robin by `count` workers; return whether one lands on a slow host."""
+            assert self.world is not None
+            hosts = range(self.next_index, self.next_index + count)
+            self.next_index += count
+            return any(index % len(self.world.hosts) in self.slow_hosts for index in hosts)
+
         @precondition(lambda self: self.world is not None and not self.running)
         @rule(workers=st.integers(1, 4))
         def start(self, workers: int) -> None:
             expected = expect_start(self.ports, self.taken, workers, None, DEFAULT_MASTER_PORT)
+            late = expected.error is None and self.place(workers)
             try:
                 self.cluster.start(worker_count=workers)
             except LazyclusterError as error:
+                if late:
+                    assert type(error) is WorkerStartError, f"raised {error!r}, expected WorkerStartError"
+                    self.ports = list(expected.remaining)
+                    return
                 assert type(error) is expected.error, f"raised {error!r}, expected {expected}"
                 if expected.stage == "master":
                     return
@@ -78,6 +101,7 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
                 if expected.master_port != DEFAULT_MASTER_PORT:
                     self.ports = self.ports[self.ports.index(expected.master_port) + 1 :]
                 return
+            assert not late, "start succeeded, but a worker was placed on a slow host"
             assert expected.error is None, f"start succeeded, expected {expected}"
             assert self.cluster.master_port == expected.master_port
             self.master = expected.master_port
@@ -90,11 +114,19 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
             # The running master's port is given, so only the workers' choice is modelled.
             busy = self.taken | set(self.worker_ports)
             expected = expect_start(self.ports, busy, workers, self.master, DEFAULT_MASTER_PORT)
+            late = expected.error is None and self.place(workers)
             try:
                 self.cluster.start_workers(workers)
             except LazyclusterError as error:
+                if late:
+                    # A failed registration stops every worker; the master keeps running.
+                    assert type(error) is WorkerStartError, f"raised {error!r}, expected WorkerStartError"
+                    self.worker_ports, self.killed = [], set()
+                    self.ports = list(expected.remaining)
+                    return
                 assert type(error) is expected.error, f"raised {error!r}, expected {expected}"
                 return
+            assert not late, "adding workers succeeded, but one was placed on a slow host"
             assert expected.error is None, f"adding workers succeeded, expected {expected}"
             self.worker_ports += expected.worker_ports
             self.ports = list(expected.remaining)
@@ -131,6 +163,22 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
             )
             self.world.take_port(where, port)
             self.taken.add(port)
+
+        @precondition(lambda self: self.world is not None)
+        @rule(data=st.data())
+        def slow_down_host(self, data: st.DataObject) -> None:
+            assert self.world is not None
+            index = data.draw(st.integers(0, len(self.world.hosts) - 1), label="host to slow down")
+            self.world.set_delay(index, "worker", LATE)
+            self.slow_hosts.add(index)
+
+        @precondition(lambda self: self.world is not None and bool(self.slow_hosts))
+        @rule()
+        def speed_up_hosts(self) -> None:
+            assert self.world is not None
+            for index in self.slow_hosts:
+                self.world.set_delay(index, "worker", 0.0)
+            self.slow_hosts.clear()
 
         @precondition(lambda self: self.world is not None and bool(self.taken))
         @rule()
