@@ -40,12 +40,22 @@ class ForeignHolder:
         return f"<{self.label}>"
 
 
+class SimFile:
+    """Content and permission bits of one file; content grows in place so logs append cheaply."""
+
+    __slots__ = ("data", "mode")
+
+    def __init__(self, data: bytes, mode: int) -> None:
+        self.data = bytearray(data)
+        self.mode = mode
+
+
 class SimFileSystem:
     """A small in-memory POSIX file system: files with content and mode, and directories."""
 
     def __init__(self, home: str) -> None:
         self.home = home
-        self.files: dict[str, tuple[bytes, int]] = {}
+        self.files: dict[str, SimFile] = {}
         self.directories: set[str] = {"/"}
         for path in (TMP_DIR, home):
             self.make_directory(path, parents=True)
@@ -87,17 +97,24 @@ class SimFileSystem:
             raise FileNotFoundError(posixpath.dirname(path))
         if path in self.directories:
             raise IsADirectoryError(path)
-        if append and path in self.files:
-            old, mode = self.files[path]
-            data = old + data
-        self.files[path] = (data, mode)
+        existing = self.files.get(path)
+        if append and existing is not None:
+            existing.data += data
+            return
+        self.files[path] = SimFile(data, mode)
 
     def read(self, path: str) -> bytes:
         if path in self.directories:
             raise IsADirectoryError(path)
         if path not in self.files:
             raise FileNotFoundError(path)
-        return self.files[path][0]
+        return bytes(self.files[path].data)
+
+    def mode(self, path: str) -> int:
+        """Return the permission bits of a file (FileNotFoundError when it is missing)."""
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        return self.files[path].mode
 
     def remove(self, path: str, recursive: bool = False) -> None:
         """Remove a file, or a directory with everything under it when `recursive`."""

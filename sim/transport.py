@@ -339,7 +339,8 @@ class SimTransport(Transport):
         self.network.record(self.host, "get", source)
 
     def _get_file(self, source: str, local_file: str) -> None:
-        data, mode = self.sim_host.fs.files[source]
+        fs = self.sim_host.fs
+        data, mode = fs.read(source), fs.mode(source)
         os.makedirs(os.path.dirname(os.path.abspath(local_file)), exist_ok=True)
         with open(local_file, "wb") as stream:
             stream.write(data)
