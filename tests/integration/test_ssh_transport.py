@@ -106,6 +106,27 @@ def lazycluster_threads() -> list[threading.Thread]:
     ]
 
 
+def open_tcp_sockets() -> set[int]:
+    """Return the inodes of the TCP sockets this test process has open."""
+    inodes = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table) as lines:
+                next(lines)
+                inodes |= {int(line.split()[9]) for line in lines}
+        except FileNotFoundError:
+            continue
+    open_inodes = set()
+    for descriptor in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{descriptor}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            open_inodes.add(int(target[len("socket:[") : -1]))
+    return open_inodes & inodes
+
+
 def exchange(port: int, payload: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
         client.sendall(payload)
@@ -173,18 +194,29 @@ class EchoServer:
 
 
 @pytest.fixture
+def nothing_left() -> Iterator[None]:
+    """Check after the test that it left no lazycluster thread and no TCP socket open."""
+    threads_before = set(threading.enumerate())
+    sockets_before = open_tcp_sockets()
+    yield
+    assert wait_for(lambda: set(lazycluster_threads()) <= threads_before), lazycluster_threads()
+    assert wait_for(lambda: open_tcp_sockets() <= sockets_before), (
+        open_tcp_sockets() - sockets_before
+    )
+
+
+@pytest.fixture
 def host(ssh_hosts):
     return ssh_hosts[0]
 
 
 @pytest.fixture
-def transport(ssh_backend, host) -> Iterator[SSHTransport]:
-    threads_before = set(threading.enumerate())
+def transport(ssh_backend, host, nothing_left) -> Iterator[SSHTransport]:
+    """Connect to the first host; after the test, close and check the host is clean."""
     connected = ssh_backend.connect(host.alias)
     yield connected
     connected.close()
 
-    assert wait_for(lambda: set(lazycluster_threads()) <= threads_before), lazycluster_threads()
     leftovers = host.leftovers(temp_pattern="lazycluster-*")
     assert leftovers.is_clean, str(leftovers)
 
@@ -367,7 +399,7 @@ def test_connection_kwargs_reach_paramiko(ssh_hosts, tmp_path):
         assert transport.run(["true"]).ok
 
 
-def test_unknown_alias_raises(ssh_hosts):
+def test_unknown_alias_raises(nothing_left, ssh_hosts):
     # resolve_unknown_hosts=False keeps the test off DNS: only 127.0.0.0/8 may be contacted.
     backend = SSHBackend(str(ssh_hosts.ssh_config_path), resolve_unknown_hosts=False)
     with pytest.raises(HostUnreachableError) as caught:
@@ -377,8 +409,7 @@ def test_unknown_alias_raises(ssh_hosts):
     assert caught.value.host == "no-such-alias"
 
 
-def test_unreachable_port_raises(ssh_hosts, tmp_path):
-    threads_before = set(threading.enumerate())
+def test_unreachable_port_raises(nothing_left, ssh_hosts, tmp_path):
     closed_port = free_port()
     config = write_config(
         tmp_path / "config", host_block("closed", ssh_hosts[0], ssh_hosts, Port=str(closed_port))
@@ -389,11 +420,9 @@ def test_unreachable_port_raises(ssh_hosts, tmp_path):
     assert time.monotonic() - started < 5
     assert "'closed'" in str(caught.value)
     assert str(closed_port) in str(caught.value)
-    assert wait_for(lambda: set(lazycluster_threads()) <= threads_before)
 
 
-def test_wrong_key_raises(ssh_hosts, tmp_path):
-    threads_before = set(threading.enumerate())
+def test_wrong_key_raises(nothing_left, ssh_hosts, tmp_path):
     key = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     config = write_config(
@@ -403,10 +432,9 @@ def test_wrong_key_raises(ssh_hosts, tmp_path):
         SSHBackend(str(config)).connect("wrong-key")
     assert "'wrong-key'" in str(caught.value)
     assert "ssh-copy-id" in str(caught.value)
-    assert wait_for(lambda: set(lazycluster_threads()) <= threads_before)
 
 
-def test_passphrase_key_without_agent_raises(ssh_hosts, tmp_path, monkeypatch):
+def test_passphrase_key_without_agent_raises(nothing_left, ssh_hosts, tmp_path, monkeypatch):
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     key = tmp_path / "locked_key"
     subprocess.run(
@@ -423,7 +451,7 @@ def test_passphrase_key_without_agent_raises(ssh_hosts, tmp_path, monkeypatch):
     assert f"ssh-add {key}" in message
 
 
-def test_unknown_host_key_rejected_by_default(ssh_hosts, tmp_path):
+def test_unknown_host_key_rejected_by_default(nothing_left, ssh_hosts, tmp_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     config = write_config(
@@ -475,7 +503,7 @@ def test_explicit_accept_new_overrides_config(ssh_hosts, tmp_path):
     assert known_hosts.exists()
 
 
-def test_changed_host_key_rejected(ssh_hosts, tmp_path):
+def test_changed_host_key_rejected(nothing_left, ssh_hosts, tmp_path):
     host = ssh_hosts[0]
     other = tmp_path / "other_host_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
@@ -913,7 +941,7 @@ def kill_ssh_sessions(host) -> None:
         host.exec(["kill", "-s", "KILL", str(pid)])
 
 
-def test_reconnect_after_dropped_connection(ssh_backend, host):
+def test_reconnect_after_dropped_connection(nothing_left, ssh_backend, host):
     transport = ssh_backend.connect(host.alias)
     try:
         process = transport.start_process(["sleep", "4326"])
@@ -929,8 +957,7 @@ def test_reconnect_after_dropped_connection(ssh_backend, host):
     assert not host_pids(host, "sleep 4326")
 
 
-def test_host_stopped_mid_transfer(make_ssh_hosts, tmp_path):
-    threads_before = set(threading.enumerate())
+def test_host_stopped_mid_transfer(nothing_left, make_ssh_hosts, tmp_path):
     group = make_ssh_hosts(1)
     host = group[0]
     backend = SSHBackend(str(group.ssh_config_path))
@@ -962,7 +989,6 @@ def test_host_stopped_mid_transfer(make_ssh_hosts, tmp_path):
     with pytest.raises(ConnectionLostError, match=host.alias):
         transport.run(["true"])
     transport.close()
-    assert wait_for(lambda: set(lazycluster_threads()) <= threads_before), lazycluster_threads()
 
 
 def test_parallel_commands_beyond_max_sessions(transport):
@@ -1025,7 +1051,7 @@ def test_forward_remote_large_batch(transport):
         server.close()
 
 
-def test_forward_remote_rejected_by_sshd(make_ssh_hosts):
+def test_forward_remote_rejected_by_sshd(nothing_left, make_ssh_hosts):
     group = make_ssh_hosts(1)
     host = group[0]
     # "AllowTcpForwarding local" lets sshd open direct-tcpip channels but reject remote forwards.
