@@ -8,6 +8,7 @@ trace.
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -92,6 +93,7 @@ class Network(Backend):
         self._local: SimTransport | None = None
         self.tunnel_watchers: dict[SimTunnel, list[Callable[[SimTunnel], None]]] = {}
         self._next_pid = FIRST_PID
+        self._gc_paused = False
 
         if isinstance(hosts, int):
             hosts = [f"h{index}" for index in range(1, hosts + 1)]
@@ -205,6 +207,24 @@ class Network(Backend):
         return list(self.hosts)
 
     # -- used by transports and programs ---------------------------------------
+
+    def pause_gc(self) -> None:
+        """Pause Python's cyclic garbage collector until the next operation that is no tunnel batch.
+
+        A full mesh creates millions of tunnels in back-to-back batches, and every
+        collection they trigger scans all tracked objects again: that took most of
+        the time of a 1,000-host start. Collection resumes, deferred, with the next
+        other transport operation (see `resume_gc`).
+        """
+        if not self._gc_paused and gc.isenabled():
+            gc.disable()
+            self._gc_paused = True
+
+    def resume_gc(self) -> None:
+        """Turn the garbage collector back on if `pause_gc` turned it off."""
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.enable()
 
     def record(self, host: str, kind: str, detail: str = "") -> None:
         self.trace.append(TraceEvent(round(self.clock.monotonic(), 9), host, kind, detail))

@@ -7,13 +7,11 @@ paths in simulation too.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import posixpath
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from operator import itemgetter
 from typing import TYPE_CHECKING
@@ -172,6 +170,8 @@ class SimTransport(Transport):
             raise ConnectionLostError(
                 self.host, f"The connection to {self.host!r} is closed. Connect again first."
             )
+        if not operation.startswith("forward_"):
+            self.network.resume_gc()
         if self.is_local:
             return
         if not self._lost:
@@ -382,8 +382,8 @@ class SimTransport(Transport):
         if not valid or len(listen_set) != len(listen_ports) or not listen_host.ports.keys().isdisjoint(listen_set):
             self._check_listen_ports(listen_host, pairs)
 
-        with _gc_paused():
-            tunnels = list(map(partial(SimTunnel, self, kind), listen_ports, target_ports))
+        self.network.pause_gc()
+        tunnels = list(map(partial(SimTunnel, self, kind), listen_ports, target_ports))
         listen_host.ports.update(zip(listen_ports, tunnels, strict=True))
         self._tunnels.extend(tunnels)
         self.network.record(self.host, f"forward_{kind}", f"{len(tunnels)} tunnels")
@@ -445,22 +445,6 @@ class SimTransport(Transport):
         self._closed = True
         self.network.record(self.host, "connection.close", "")
         self.network.forget(self)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a batch creates many objects.
-
-    Each collection triggered by the new objects would scan every tracked object
-    again. Pausing only defers collection to after the batch.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _all_ports(values: list[int]) -> bool:

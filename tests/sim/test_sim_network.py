@@ -262,3 +262,17 @@ def test_async_task_function_error_fails_task(network):
             runtime.join()
         runtime.cleanup()
     network.assert_clean()
+
+
+def test_tunnel_batches_defer_garbage_collection(network):
+    import gc
+
+    assert gc.isenabled()
+    transport = network.connect("h1")
+    transport.forward_remote([(7000, 8000)])
+    transport.forward_local([(7001, 8001)])
+    assert not gc.isenabled()
+
+    transport.ports_in_use([7000])
+    assert gc.isenabled()
+    transport.close()
