@@ -83,7 +83,8 @@ class LocalMasterLauncher(MasterLauncher):
     """Starts the Dask scheduler on the manager, bound to 127.0.0.1.
 
     The scheduler counts as started once its port is in use on the manager
-    while its process runs. Its port is then forwarded to every runtime.
+    and its log says it serves there. Its port is then forwarded to every
+    runtime.
     `process` is the transport's process handle, not a `subprocess.Popen`.
     """
 
@@ -256,7 +257,7 @@ class RoundRobinLauncher(WorkerLauncher):
         """Keep the group in which the workers will be started."""
         super().__init__(runtime_group)
         self._next_index = 0
-        self._versions_checked = False
+        self._version_checked_hosts: set[str] = set()
         self._start_lock = threading.Lock()
 
     # The documented public signature has no `debug` argument, and
@@ -278,9 +279,9 @@ class RoundRobinLauncher(WorkerLauncher):
             raise ValueError("The runtime group is empty: add a runtime before starting workers.")
 
         with self._start_lock:
-            if not self._versions_checked:
-                check_distributed_versions(runtimes)
-                self._versions_checked = True
+            unchecked = [r for r in runtimes if r.host not in self._version_checked_hosts]
+            check_distributed_versions(unchecked)
+            self._version_checked_hosts.update(runtime.host for runtime in unchecked)
 
             manager = self.manager
             busy = find_busy_ports([manager, *remote_transports(self._group)], candidates)

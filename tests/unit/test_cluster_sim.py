@@ -309,3 +309,17 @@ def test_custom_placement_by_subclass() -> None:
             assert cluster._worker_launcher is launcher
             assert launcher.ports_per_host == {"h3": PORTS[:3]}
             assert worker_ports_listening(network, "h3") == PORTS[:3]
+
+
+def test_runtime_added_later_is_version_checked() -> None:
+    network = sim.Network(1, seed=13)
+
+    with simulated_group(network) as group:
+        with DaskCluster(group, ports=PORTS) as cluster:
+            network.add_host("late", distributed_version="2024.1.0")
+            group.add_runtime("late")
+
+            with pytest.raises(VersionMismatchError, match="'late' has version 2024.1.0"):
+                cluster.start_workers(1)
+
+            assert cluster._worker_launcher.ports_per_host == {"h1": [PORTS[0]]}
