@@ -104,7 +104,7 @@ def dashboard_port_in_log(scheduler_log: str) -> int | None:
     """Return the port of the scheduler's HTTP server from its log, or None before it is logged.
 
     distributed takes a random port when the requested one is in use, so the
-    log, not the request, tells where the dashboard is.
+    log, not the request, gives the dashboard port.
     """
     match = re.search(r"dashboard at:\s+http://127\.0\.0\.1:(\d+)/", scheduler_log)
     return int(match.group(1)) if match else None
