@@ -44,6 +44,7 @@ class VirtualClock(Clock):
         self._epoch = epoch
         self._queue: list[ScheduledEvent] = []
         self._sequence = 0
+        self._advance_hooks: list[Callable[[], object]] = []
 
     def monotonic(self) -> float:
         return self._now
@@ -57,8 +58,14 @@ class VirtualClock(Clock):
             raise ValueError(f"Invalid sleep duration {seconds!r}: expected a number >= 0.")
         self.advance_to(self._now + seconds)
 
+    def add_advance_hook(self, hook: Callable[[], object]) -> None:
+        """Call `hook()` before every advance of the time, e.g. to end a pause of the simulation."""
+        self._advance_hooks.append(hook)
+
     def advance_to(self, target: float) -> None:
         """Fire every event due at or before `target`, then set the time to `target`."""
+        for hook in self._advance_hooks:
+            hook()
         while self._queue and self._queue[0].due <= target:
             event = heapq.heappop(self._queue)
             if event.cancelled:

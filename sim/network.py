@@ -94,6 +94,7 @@ class Network(Backend):
         self.tunnel_watchers: dict[SimTunnel, list[Callable[[SimTunnel], None]]] = {}
         self._next_pid = FIRST_PID
         self._gc_paused = False
+        self.clock.add_advance_hook(self.resume_gc)
 
         if isinstance(hosts, int):
             hosts = [f"h{index}" for index in range(1, hosts + 1)]
@@ -213,8 +214,8 @@ class Network(Backend):
 
         A full mesh creates millions of tunnels in back-to-back batches, and every
         collection they trigger scans all tracked objects again: that took most of
-        the time of a 1,000-host start. Collection resumes, deferred, with the next
-        other transport operation (see `resume_gc`).
+        the time of a 1,000-host start. Collection resumes with the next other
+        transport operation, close, advance of the clock or `leftovers()`.
         """
         if not self._gc_paused and gc.isenabled():
             gc.disable()
@@ -358,6 +359,7 @@ class Network(Backend):
 
     def leftovers(self) -> list[str]:
         """Describe everything the library started that is still there."""
+        self.resume_gc()
         found = []
         for sim_host in self.all_hosts():
             name = sim_host.name

@@ -64,6 +64,7 @@ def sim_network(request: pytest.FixtureRequest) -> Iterator[Network]:
         yield network
     finally:
         set_backend(previous)
+        network.resume_gc()
 
 
 @pytest.fixture

@@ -428,6 +428,7 @@ class SimTransport(Transport):
         return list(self._tunnels)
 
     def close(self) -> None:
+        self.network.resume_gc()
         if self._closed:
             return
         for tunnel in self._tunnels:

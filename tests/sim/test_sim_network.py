@@ -276,3 +276,16 @@ def test_tunnel_batches_defer_garbage_collection(network):
     transport.ports_in_use([7000])
     assert gc.isenabled()
     transport.close()
+
+
+def test_garbage_collection_resumes_on_close_and_clock(network):
+    import gc
+
+    transport = network.connect("h1")
+    transport.forward_remote([(7000, 8000)])
+    transport.close()
+    assert gc.isenabled()
+
+    network.connect("h2").forward_remote([(7000, 8000)])
+    network.clock.sleep(0)
+    assert gc.isenabled()
