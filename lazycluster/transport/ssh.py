@@ -26,7 +26,6 @@ from lazycluster.clock import SYSTEM_CLOCK, Clock
 from lazycluster.exceptions import (
     CommandTimeoutError,
     ConnectionLostError,
-    PortInUseError,
     TransportError,
 )
 from lazycluster.transport.base import (
@@ -41,10 +40,7 @@ from lazycluster.transport.base import (
 )
 from lazycluster.transport.forwarding import (
     ListeningTunnel,
-    RelaySet,
     StreamEnd,
-    close_end,
-    connect_loopback,
 )
 from lazycluster.transport.local import LocalTransport
 from lazycluster.transport.shell import build_script, validate_env
@@ -53,6 +49,7 @@ from lazycluster.transport.ssh_connect import Connection, Connector
 from lazycluster.transport.ssh_exec import ChannelLost, ChannelNotOpened, execute, kill_group
 from lazycluster.transport.ssh_files import get_path, put_path
 from lazycluster.transport.ssh_process import SSHProcess, start_script
+from lazycluster.transport.ssh_remote_forwards import RemoteForwards
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +65,6 @@ MAX_PARALLEL_CONNECTS = 8
 # paramiko's defaults (2 MiB, 32 KiB), so one stream is not limited by round trips.
 TUNNEL_WINDOW_SIZE = 16 * 1024 * 1024
 TUNNEL_MAX_PACKET_SIZE = 256 * 1024
-
-# Up to this many remote forwards are requested one by one, each waiting for
-# its reply. Larger batches use a fixed number of round trips.
-MAX_SEQUENTIAL_FORWARDS = 3
 
 # Exec and SFTP channels open at once per connection. sshd's MaxSessions
 # (default 10) rejects more, so further callers wait for a free one.
@@ -105,65 +98,6 @@ def parse_socket_table(text: str) -> set[int]:
     return ports
 
 
-class RemoteTunnel(Tunnel):
-    """A port the host listens on (sshd's remote forwarding), relayed to the manager.
-
-    When the manager's target port refuses a connection, the incoming stream is
-    closed and the error is kept in `last_error`; the tunnel keeps listening.
-    """
-
-    def __init__(self, owner: SSHTransport, listen_port: int, target_port: int) -> None:
-        self.host = owner.host
-        self.kind = "remote"
-        self.listen_port = listen_port
-        self.target_port = target_port
-        self._owner = owner
-        self.last_error: BaseException | None = None
-        self._relays = RelaySet(f"lazycluster-tunnel-{owner.host}-{listen_port}")
-        self._closed = False
-
-    def accept(self, channel: paramiko.Channel) -> None:
-        """Relay an incoming channel to the manager's target port."""
-        try:
-            sock = connect_loopback(self.target_port)
-        except OSError as error:
-            self.last_error = TransportError(
-                self.host,
-                f"Tunnel from port {self.listen_port} of host {self.host!r} failed to connect to "
-                f"manager port {self.target_port}: {error}. Check that a server listens there.",
-                error,
-            )
-            logger.warning(
-                "Tunnel on host %s failed to connect port %d -> manager port %d: %s",
-                self.host,
-                self.listen_port,
-                self.target_port,
-                error,
-            )
-            close_end(channel)
-            return
-        self._relays.relay(channel, sock)
-
-    @property
-    def is_open(self) -> bool:
-        return not self._closed
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        was_forwarded = self._owner._cancel_remote_forward(self)
-        self._relays.close()
-        if not was_forwarded:
-            return
-        logger.info(
-            "Tunnel closed on host %s: remote port %d -> %d",
-            self.host,
-            self.listen_port,
-            self.target_port,
-        )
-
-
 class SSHTransport(Transport):
     """Everything lazycluster does to one SSH host, over one paramiko connection."""
 
@@ -179,11 +113,12 @@ class SSHTransport(Transport):
         self._connector = connector
         self._connection_kwargs = dict(connection_kwargs or {})
         self._lock = threading.RLock()
-        self._forward_lock = threading.Lock()
         self._sessions = threading.BoundedSemaphore(MAX_PARALLEL_SESSIONS)
         self._processes: list[SSHProcess] = []
         self._local_tunnels: list[ListeningTunnel] = []
-        self._remote_tunnels: dict[int, RemoteTunnel] = {}
+        self._remote_forwards = RemoteForwards(
+            host, self._transport, self._current_transport, self.ports_in_use, self._lost
+        )
         self._process_numbers = itertools.count()
         self._state_dir = f"/tmp/lazycluster-{secrets.token_hex(8)}"  # noqa: S108 - on the host
         self._closing = False
@@ -210,6 +145,9 @@ class SSHTransport(Transport):
             self._reconnect()
             return self._connection.transport
 
+    def _current_transport(self) -> paramiko.Transport:
+        return self._connection.transport
+
     def _reconnect(self) -> None:
         logger.warning("Connection to host %s dropped, reconnecting", self.host)
         self._connection.close()
@@ -222,7 +160,7 @@ class SSHTransport(Transport):
                 error,
             ) from error
         self._log_connected()
-        self._restore_remote_forwards()
+        self._remote_forwards.restore()
 
     def _lost(self, action: str, error: BaseException) -> ConnectionLostError:
         return ConnectionLostError(
@@ -457,162 +395,7 @@ class SSHTransport(Transport):
 
     def forward_remote(self, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
         self._check_open()
-        checked = _checked_pairs(pairs)
-        host_ports = [host_port for host_port, _ in checked]
-        if len(set(host_ports)) != len(host_ports):
-            raise ValueError(f"Invalid remote forwards {list(pairs)}: a host port appears twice.")
-
-        tunnels = [
-            RemoteTunnel(self, host_port, manager_port) for host_port, manager_port in checked
-        ]
-        try:
-            if len(tunnels) <= MAX_SEQUENTIAL_FORWARDS:
-                for tunnel in tunnels:
-                    self._request_remote_forward(tunnel)
-            else:
-                self._request_remote_forwards(tunnels)
-        except BaseException:
-            for tunnel in tunnels:
-                tunnel.close()
-            raise
-        logger.info(
-            "Tunnels opened on host %s: remote ports -> manager ports %s",
-            self.host,
-            _describe_pairs(checked),
-        )
-        return list(tunnels)
-
-    def _request_remote_forward(self, tunnel: RemoteTunnel) -> None:
-        """Forward one host port, waiting for sshd's reply."""
-        port = tunnel.listen_port
-        transport = self._transport()
-        with self._forward_lock:
-            if port in self._remote_tunnels:
-                raise PortInUseError(port, where=f"host {self.host!r} (already forwarded)")
-            self._remote_tunnels[port] = tunnel
-            try:
-                transport.request_port_forward(LOOPBACK, port, handler=self._on_forwarded_channel)
-                return
-            except _NETWORK_ERRORS as error:
-                del self._remote_tunnels[port]
-                failure: BaseException = error
-        if not transport.is_active():
-            raise self._lost(f"forwarding port {port}", failure) from failure
-        if port in self.ports_in_use([port]):
-            raise PortInUseError(port, predecessor_excp=failure, where=f"host {self.host!r}")
-        raise TransportError(
-            self.host,
-            f"Host {self.host!r} rejected forwarding its port {port}: {failure}. Check that "
-            "sshd there allows it (AllowTcpForwarding yes) and, for ports below 1024, that "
-            "the user is root.",
-            failure,
-        ) from failure
-
-    def _request_remote_forwards(self, tunnels: list[RemoteTunnel]) -> None:
-        """Forward many host ports in four round trips, whatever their number.
-
-        The caller closes every tunnel of the batch when this raises.
-        """
-        ports = [tunnel.listen_port for tunnel in tunnels]
-        in_use = self.ports_in_use(ports)
-        if in_use:
-            raise PortInUseError(min(in_use), where=f"host {self.host!r}")
-
-        transport = self._transport()
-        with self._forward_lock:
-            forwarded = [port for port in ports if port in self._remote_tunnels]
-            if forwarded:
-                raise PortInUseError(forwarded[0], where=f"host {self.host!r} (already forwarded)")
-            for tunnel in tunnels:
-                self._remote_tunnels[tunnel.listen_port] = tunnel
-            try:
-                # The first request installs the handler of incoming connections
-                # before any port of the batch listens.
-                transport.request_port_forward(
-                    LOOPBACK, ports[0], handler=self._on_forwarded_channel
-                )
-                # The middle requests want no reply, so they go out back to back.
-                # sshd handles global requests in order, so the reply to the last
-                # one arrives after every earlier one was handled.
-                for port in ports[1:-1]:
-                    transport.global_request("tcpip-forward", (LOOPBACK, port), wait=False)
-                reply = transport.global_request("tcpip-forward", (LOOPBACK, ports[-1]), wait=True)
-            except _NETWORK_ERRORS as error:
-                if not transport.is_active():
-                    raise self._lost(f"forwarding ports {ports}", error) from error
-                reply, failure = None, error
-            else:
-                failure = None
-
-        # NOTE: a port taken by another program between the first check and the
-        # request shows as listening below, so it is not detected.
-        listening = self.ports_in_use(ports)
-        missing = sorted(set(ports) - listening)
-        if reply is None or missing:
-            raise TransportError(
-                self.host,
-                f"Host {self.host!r} rejected forwarding its ports {missing or ports[-1:]}"
-                f"{f': {failure}' if failure else ''}. Check that sshd there allows it "
-                "(AllowTcpForwarding yes) and, for ports below 1024, that the user is root.",
-                failure,
-            )
-
-    def _on_forwarded_channel(
-        self, channel: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]
-    ) -> None:
-        # Called on paramiko's transport thread for each connection to a forwarded port.
-        tunnel = self._remote_tunnels.get(server[1])
-        if tunnel is None or not tunnel.is_open:
-            logger.warning(
-                "Host %s sent a connection for port %d, which has no open tunnel",
-                self.host,
-                server[1],
-            )
-            close_end(channel)
-            return
-        tunnel.accept(channel)
-
-    def _cancel_remote_forward(self, tunnel: RemoteTunnel) -> bool:
-        """Stop forwarding the tunnel's port; return False when it was not forwarded."""
-        with self._forward_lock:
-            if self._remote_tunnels.get(tunnel.listen_port) is not tunnel:
-                return False
-            del self._remote_tunnels[tunnel.listen_port]
-            transport = self._connection.transport
-            if not transport.is_active():
-                return True
-            try:
-                # paramiko's cancel_port_forward would also drop the handler that
-                # serves the other forwarded ports, so the request is sent directly.
-                transport.global_request(
-                    "cancel-tcpip-forward", (LOOPBACK, tunnel.listen_port), wait=True
-                )
-            except _NETWORK_ERRORS as error:
-                logger.warning(
-                    "Failed to cancel forwarding of port %d on host %s: %s",
-                    tunnel.listen_port,
-                    self.host,
-                    error,
-                )
-            return True
-
-    def _restore_remote_forwards(self) -> None:
-        """Request the remote forwards again on a new connection."""
-        with self._forward_lock:
-            tunnels = list(self._remote_tunnels.values())
-            transport = self._connection.transport
-            for tunnel in tunnels:
-                try:
-                    transport.request_port_forward(
-                        LOOPBACK, tunnel.listen_port, handler=self._on_forwarded_channel
-                    )
-                except _NETWORK_ERRORS as error:
-                    logger.warning(
-                        "Failed to restore forwarding of port %d on host %s: %s",
-                        tunnel.listen_port,
-                        self.host,
-                        error,
-                    )
+        return list(self._remote_forwards.open(_checked_pairs(pairs)))
 
     # Bookkeeping
 
@@ -626,9 +409,7 @@ class SSHTransport(Transport):
         with self._lock:
             self._local_tunnels = [tunnel for tunnel in self._local_tunnels if tunnel.is_open]
             local: list[Tunnel] = list(self._local_tunnels)
-        with self._forward_lock:
-            remote: list[Tunnel] = list(self._remote_tunnels.values())
-        return local + remote
+        return local + list(self._remote_forwards.tunnels)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -663,11 +444,6 @@ class SSHTransport(Transport):
             logger.warning(
                 "Failed to stop process %d on host %s: %s", process.pid, self.host, error
             )
-
-
-def _describe_pairs(pairs: Sequence[tuple[int, int]], limit: int = 10) -> str:
-    listed = ", ".join(f"{listen}->{target}" for listen, target in pairs[:limit])
-    return listed + (f" and {len(pairs) - limit} more" if len(pairs) > limit else "")
 
 
 def _checked_pairs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
