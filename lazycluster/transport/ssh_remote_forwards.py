@@ -1,7 +1,7 @@
 """Remote port forwarding on an SSH connection: the host listens, the manager serves.
 
 sshd listens on 127.0.0.1 of the host for each forwarded port and opens a
-`forwarded-tcpip` channel per incoming connection; one handler on paramiko's
+`forwarded-tcpip` channel per incoming connection. One handler on paramiko's
 transport thread hands each channel to the tunnel of its port, which relays it
 to the manager's target port.
 """
