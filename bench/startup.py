@@ -1,0 +1,237 @@
+"""Cluster start-up until every worker is registered: ours, Dask's SSHCluster and the floor.
+
+Also a map of 1,000 small tasks plus a sum on the 3 × 2 clusters of both.
+Runs of ours and of SSHCluster alternate, so drift of the machine hits both.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.context import Context
+from bench.docker_exec import ExecProcess
+from bench.report import Section, at_most
+from bench.stats import Sample
+
+log = logging.getLogger(__name__)
+
+TITLE = "Cluster start-up and a map"
+
+# (hosts, workers per host) of each start-up figure.
+LAYOUTS = ((3, 2), (3, 8))
+MAP_TASKS = 1_000
+FLOOR_SCHEDULER_PORT = 8801
+REGISTER_TIMEOUT = 120.0
+
+# The image's python3 on PATH, as the library and SSHCluster both use it.
+REMOTE_PYTHON = "python3"
+
+
+def map_and_sum(client: Any) -> float:
+    """Seconds for client.map over MAP_TASKS inputs plus a sum of the results, checked."""
+    started = time.perf_counter()
+    futures = client.map(operator.neg, range(MAP_TASKS), pure=False)
+    total = client.submit(sum, futures, pure=False).result()
+    elapsed = time.perf_counter() - started
+    expected = -sum(range(MAP_TASKS))
+    if total != expected:
+        raise AssertionError(f"map and sum returned {total}, expected {expected}")
+    del futures
+    return elapsed
+
+
+class Ours:
+    """DaskCluster on a fresh RuntimeGroup: connections, host probe, scheduler, workers, tunnels."""
+
+    name = "lazycluster DaskCluster"
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.cluster: Any = None
+        self.group: Any = None
+        self._backend_scope: Any = None
+
+    def start(self, workers: int) -> float:
+        from lazycluster.cluster.dask_cluster import DaskCluster
+        from lazycluster.group import RuntimeGroup
+        from lazycluster.transport import use_backend
+        from lazycluster.transport.ssh import SSHBackend
+
+        self._backend_scope = use_backend(SSHBackend(ssh_config_path=self.context.ssh_config))
+        self._backend_scope.__enter__()
+        started = time.perf_counter()
+        self.group = RuntimeGroup(hosts=self.context.hosts.aliases)
+        self.cluster = DaskCluster(self.group)
+        self.cluster.start(worker_count=workers)
+        return time.perf_counter() - started
+
+    def client(self) -> Any:
+        return self.cluster.get_client(timeout=10)
+
+    def stop(self) -> None:
+        try:
+            if self.cluster is not None:
+                self.cluster.cleanup()
+            if self.group is not None:
+                self.group.cleanup()
+        finally:
+            self.cluster = self.group = None
+            if self._backend_scope is not None:
+                self._backend_scope.__exit__(None, None, None)
+                self._backend_scope = None
+
+
+class DaskSSHCluster:
+    """distributed.SSHCluster: scheduler on the first host, Nanny-managed workers on all three."""
+
+    name = "Dask SSHCluster"
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.cluster: Any = None
+        self._clients: list[Any] = []
+
+    def _connect_options(self) -> list[dict[str, Any]]:
+        hosts = self.context.hosts
+        return [
+            {
+                "port": host.port,
+                "username": host.user,
+                "client_keys": [str(hosts.key_path)],
+                "known_hosts": str(hosts.known_hosts_path),
+            }
+            for host in hosts
+        ]
+
+    def start(self, workers: int) -> float:
+        from distributed import SSHCluster
+
+        options = self._connect_options()
+        started = time.perf_counter()
+        # The first entry of `hosts` runs the scheduler; every entry after it
+        # runs `n_workers` workers, so host 0 is listed twice.
+        self.cluster = SSHCluster(
+            ["127.0.0.1"] * (len(options) + 1),
+            connect_options=[options[0], *options],
+            worker_options={"n_workers": workers // len(options), "nthreads": 1},
+            scheduler_options={"port": 0, "dashboard": False},
+            remote_python=REMOTE_PYTHON,
+        )
+        self.cluster.wait_for_workers(workers, timeout=REGISTER_TIMEOUT)
+        return time.perf_counter() - started
+
+    def client(self) -> Any:
+        from distributed import Client
+
+        client = Client(self.cluster, timeout=10)
+        self._clients.append(client)
+        return client
+
+    def stop(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+
+def floor_start(host: Any) -> float:
+    """Seconds from `docker exec` of one dask worker until it logs its registration."""
+    worker = None
+    started = time.perf_counter()
+    worker = ExecProcess(
+        host,
+        [
+            REMOTE_PYTHON, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{FLOOR_SCHEDULER_PORT}",
+            "--no-nanny", "--nthreads", "1", "--listen-address", "tcp://127.0.0.1:0", "--no-dashboard",
+        ],
+    )
+    try:
+        seen = worker.wait_for("Registered to", REGISTER_TIMEOUT)
+        return seen - started
+    finally:
+        worker.stop()
+
+
+def measure_floor(context: Context, section: Section) -> None:
+    host = context.hosts[0]
+    scheduler = ExecProcess(
+        host,
+        [
+            REMOTE_PYTHON, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+            "--port", str(FLOOR_SCHEDULER_PORT), "--no-dashboard",
+        ],
+    )
+    try:
+        scheduler.wait_for("Scheduler at", REGISTER_TIMEOUT)
+        floor_start(host)  # warm the page cache for the worker's imports
+        runs = context.runs(5)
+        section.add("floor", "Floor: one `dask worker` by docker exec until registered", Sample(tuple(floor_start(host) for _ in range(runs))))
+    finally:
+        scheduler.stop()
+
+
+def alternate(context: Context, systems: list[Any], workers: int, runs: int, after_last: Callable[[Any], None] | None) -> dict[str, list[float]]:
+    """Start and stop each system `runs` times, alternating; call `after_last` before the last stop."""
+    seconds: dict[str, list[float]] = {system.name: [] for system in systems}
+    for run in range(runs):
+        for system in systems:
+            try:
+                seconds[system.name].append(system.start(workers))
+                log.info("%s with %d workers started in %.2f s", system.name, workers, seconds[system.name][-1])
+                if after_last is not None and run == runs - 1:
+                    after_last(system)
+            finally:
+                system.stop()
+    return seconds
+
+
+def measure(context: Context, section: Section) -> None:
+    measure_floor(context, section)
+
+    ours, theirs = Ours(context), DaskSSHCluster(context)
+    map_seconds: dict[str, Sample] = {}
+
+    def run_map(system: Any) -> None:
+        client = system.client()
+        map_and_sum(client)  # warm-up: the workers import what the tasks need
+        map_seconds[system.name] = Sample(tuple(map_and_sum(client) for _ in range(context.runs(5))))
+
+    # One untimed start of each, so both run with warm caches on the hosts.
+    alternate(context, [ours, theirs], 2 * len(context.hosts), 1, None)
+    for host_count, per_host in LAYOUTS:
+        workers = host_count * per_host
+        runs = context.runs(5 if per_host == 2 else 3)
+        seconds = alternate(context, [ours, theirs], workers, runs, run_map if per_host == 2 else None)
+        tag = f"{host_count}x{per_host}"
+        section.add(f"ours-{tag}", f"Start-up {host_count} hosts × {per_host} workers: lazycluster", Sample(tuple(seconds[ours.name])))
+        section.add(f"ssh-{tag}", f"Start-up {host_count} hosts × {per_host} workers: Dask SSHCluster", Sample(tuple(seconds[theirs.name])))
+
+    section.add("map-ours", f"map of {MAP_TASKS:,} tasks + sum, 3 × 2: lazycluster", map_seconds[ours.name])
+    section.add("map-ssh", f"map of {MAP_TASKS:,} tasks + sum, 3 × 2: Dask SSHCluster", map_seconds[theirs.name])
+
+    section.ratio("Start-up 3 × 2: lazycluster / floor", "ours-3x2", "floor")
+    section.ratio("Start-up 3 × 2: lazycluster / SSHCluster", "ours-3x2", "ssh-3x2", at_most(0.8))
+    section.ratio("Start-up 3 × 8: lazycluster / floor", "ours-3x8", "floor")
+    section.ratio("Start-up 3 × 8: lazycluster / SSHCluster", "ours-3x8", "ssh-3x8", at_most(0.8))
+    section.ratio("map + sum: lazycluster / SSHCluster", "map-ours", "map-ssh", at_most(1.1))
+    section.note(
+        "Start-up of lazycluster counts from a new RuntimeGroup (SSH connections and the host probe) "
+        "to the return of DaskCluster.start(), which waits until every worker is registered; its "
+        "scheduler runs on the manager and all traffic goes through SSH tunnels. SSHCluster runs its "
+        "scheduler on the first host and its workers under a Nanny (one more process each), talks to "
+        "the containers' bridge addresses directly and opens a new SSH connection per process; its "
+        "figure counts from the SSHCluster call until wait_for_workers() returns. The floor is one "
+        "worker process started by docker exec against a scheduler already running in the same "
+        "container, until it logs its registration: no SSH, no tunnel, no process manager."
+    )
+    section.note(
+        "The map runs on the 3 × 2 cluster of the last start-up run, after one untimed warm-up map; "
+        "its time is dominated by the scheduler's round trips to the workers, which for lazycluster "
+        "cross two SSH tunnels (manager to host) and for SSHCluster the Docker bridge."
+    )
