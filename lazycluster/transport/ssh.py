@@ -425,6 +425,7 @@ class SSHTransport(Transport):
             processes = list(self._processes)
 
         self.clock.map(self._stop_quietly, processes)
+        self._remote_forwards.close_all()
         for tunnel in self.tunnels:
             tunnel.close()
         try:

@@ -249,6 +249,38 @@ class RemoteForwards:
                 )
             return True
 
+    def close_all(self) -> None:
+        """Close every forward, waiting for sshd's reply to the last cancel only."""
+        with self._lock:
+            tunnels = list(self._tunnels.values())
+            self._tunnels.clear()
+            transport = self._current_transport()
+            ports = [tunnel.listen_port for tunnel in tunnels]
+            try:
+                # sshd handles global requests in order, so once the last cancel
+                # is answered every port of the list is free.
+                for index, port in enumerate(ports):
+                    if transport.is_active():
+                        last = index == len(ports) - 1
+                        transport.global_request(
+                            "cancel-tcpip-forward", (LOOPBACK, port), wait=last
+                        )
+            except _NETWORK_ERRORS as error:
+                logger.warning(
+                    "Failed to cancel forwarding of ports %s on host %s: %s",
+                    ports,
+                    self.host,
+                    error,
+                )
+        for tunnel in tunnels:
+            tunnel.close()
+        if tunnels:
+            logger.info(
+                "Tunnels closed on host %s: remote ports -> manager ports %s",
+                self.host,
+                _describe_pairs([(tunnel.listen_port, tunnel.target_port) for tunnel in tunnels]),
+            )
+
     def restore(self) -> None:
         """Request every open forward again, on a new connection."""
         with self._lock:

@@ -1186,3 +1186,19 @@ def test_home_relative_paths(transport):
         )
     finally:
         transport.run(["rm", "-rf", "lazycluster-home-test"])
+
+
+def test_close_frees_many_remote_forwards(ssh_backend, host, nothing_left):
+    server = EchoServer()
+    ports = distinct_free_ports(60)
+    transport = ssh_backend.connect(host.alias)
+    try:
+        transport.forward_remote([(port, server.port) for port in ports])
+        assert transport.ports_in_use(ports) == set(ports)
+    finally:
+        transport.close()
+        server.close()
+    assert transport.tunnels == []
+    leftovers = host.leftovers(temp_pattern="lazycluster-*")
+    assert leftovers.listening_ports == ()
+    assert leftovers.is_clean, str(leftovers)
