@@ -136,6 +136,10 @@ def _execute_on(
     stderr_lines = LineSplitter(on_output) if on_output else None
 
     while True:
+        # EOF is read before draining: data that arrived before EOF is then in
+        # the buffers for sure, while data and EOF arriving during the drain
+        # are picked up by the next round.
+        eof = channel.eof_received
         while channel.recv_ready():
             stdout.feed(channel.recv(READ_SIZE))
         while channel.recv_stderr_ready():
@@ -143,10 +147,12 @@ def _execute_on(
             stderr_chunks.append(data)
             if stderr_lines is not None:
                 stderr_lines.feed(data)
-        if channel.eof_received:
+        if eof:
             break
-        if channel.closed:
+        if channel.closed and not channel.eof_received:
             raise ChannelLost("the channel closed before the command finished")
+        if channel.eof_received:
+            continue  # EOF arrived during the drain: drain once more, then stop
 
         wait = POLL_INTERVAL
         if deadline is not None:

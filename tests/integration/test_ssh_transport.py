@@ -1202,3 +1202,13 @@ def test_close_frees_many_remote_forwards(ssh_backend, host, nothing_left):
     leftovers = host.leftovers(temp_pattern="lazycluster-*")
     assert leftovers.listening_ports == ()
     assert leftovers.is_clean, str(leftovers)
+
+
+def test_run_output_complete_under_load(transport):
+    # Output that arrives together with EOF must not be lost, on either stream.
+    def run_once(index: int) -> tuple[str, str]:
+        result = transport.run(f"printf 'out{index}'; printf 'err{index}' >&2")
+        return result.stdout, result.stderr
+
+    results = transport.clock.map(run_once, range(300))
+    assert results == [(f"out{index}", f"err{index}") for index in range(300)]
