@@ -257,9 +257,8 @@ class SSHTransport(Transport):
             log_path = f"{self._state_dir}/process-{number}.log"
         exit_path = f"{self._state_dir}/process-{number}.exit"
 
-        result = self._run_script(
-            start_script(command, validate_env(env), cwd, log_path, exit_path)
-        )
+        script = start_script(command, validate_env(env), cwd, log_path, exit_path)
+        result = self._execute(f"start {text}", script, timeout=CONTROL_TIMEOUT)
         pid_text = result.stdout.strip().splitlines()[-1:] if result.ok else []
         if not pid_text or not pid_text[0].isdigit():
             result.check(f"Starting a process on host {self.host!r} failed.")

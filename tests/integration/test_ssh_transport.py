@@ -1212,3 +1212,11 @@ def test_run_output_complete_under_load(transport):
 
     results = transport.clock.map(run_once, range(300))
     assert results == [(f"out{index}", f"err{index}") for index in range(300)]
+
+
+def test_start_process_unwritable_log_raises(transport):
+    with pytest.raises(CommandError) as caught:
+        transport.start_process(["true"], log_path="/proc/lazycluster/out.log")
+    assert transport.host in str(caught.value)
+    assert "start true" in str(caught.value)
+    assert transport.processes == []
