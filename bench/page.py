@@ -19,8 +19,6 @@ def _command_output(argv: list[str]) -> str:
         return f"({argv[0]} failed: {error})"
     # `ssh -V` prints its version on stderr.
     return (result.stdout or result.stderr).strip()
-    except OSError as error:
-        return f"({argv[0]} failed: {error})"
 
 
 def machine_facts() -> list[str]:
@@ -52,7 +50,7 @@ def render_page(report: Report, machine: list[str], total_seconds: float, *, qui
     ]
     if quick or len(only) < 5:
         lines += [f"NOTE: a partial run (quick={quick}, modules {', '.join(only)}); rerun `{REPRODUCE}` for the full page.", ""]
-    lines += ["## Ratios", "", *report.ratio_table(), "", "## Figures", "", *report.figure_table(), ""]
+    lines += ["## Ratios", "", *report.ratio_table(), "", "## Absolute goals", "", *report.goal_table(), "", "## Figures", "", *report.figure_table(), ""]
     errors = report.errors()
     if errors:
         lines += ["## Modules that failed in this run", "", *errors, ""]

@@ -70,6 +70,15 @@ def format_rate(bytes_per_second: float) -> str:
     return f"{bytes_per_second / MEGABYTE:.0f} MB/s"
 
 
+@dataclass(frozen=True)
+class Goal:
+    """An absolute goal for one figure's median, in seconds."""
+
+    label: str
+    key: str
+    limit: float
+
+
 @dataclass
 class Section:
     """The figures of one measurement module, its ratios and what limits them."""
@@ -77,6 +86,7 @@ class Section:
     title: str
     figures: list[Figure] = field(default_factory=list)
     ratios: list[Ratio] = field(default_factory=list)
+    goals: list[Goal] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -88,6 +98,9 @@ class Section:
     def ratio(self, label: str, numerator: str, denominator: str, target: tuple[str, Callable[[float], bool]] | None = None) -> None:
         text, passes = target if target else ("", None)
         self.ratios.append(Ratio(label, numerator, denominator, text, passes))
+
+    def goal(self, label: str, key: str, limit: float) -> None:
+        self.goals.append(Goal(label, key, limit))
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -127,6 +140,18 @@ class Report:
                 shown = "n/a" if value is None else f"{value:.3g}"
                 met = "" if value is None or ratio.passes is None else ("yes" if ratio.passes(value) else "**no**")
                 lines.append(f"| {ratio.label} | {shown} | {ratio.target} | {met} |")
+        return lines
+
+    def goal_table(self) -> list[str]:
+        lines = ["| Goal | Median | Limit | Met |", "|---|---:|---:|:---:|"]
+        for section in self.sections:
+            for goal in section.goals:
+                figure = self.figure(goal.key)
+                if figure is None:
+                    lines.append(f"| {goal.label} | n/a | < {format_seconds(goal.limit)} | |")
+                    continue
+                met = "yes" if figure.value < goal.limit else "**no**"
+                lines.append(f"| {goal.label} | {format_seconds(figure.value)} | < {format_seconds(goal.limit)} | {met} |")
         return lines
 
     def errors(self) -> list[str]:
