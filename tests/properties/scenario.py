@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from port_block import reserve_port_block
+
 if TYPE_CHECKING:
     from lazycluster.clock import Clock
     from lazycluster.group import RuntimeGroup
@@ -24,10 +26,9 @@ if TYPE_CHECKING:
 MANAGER = "manager"
 PROGRAMS = ("scheduler", "worker")
 
-# Every port a property uses: below Linux's ephemeral range (32768), so no
-# client socket of the manager takes one by chance, and apart from the ports
-# of tests/integration (29400-29480) so both can run side by side.
-PORT_UNIVERSE = tuple(range(29700, 29760))
+# Every port a property uses, the same for both backends within one run. The
+# block differs between runs that share the manager, so they do not collide.
+PORT_UNIVERSE = reserve_port_block(60)
 
 Where = int | str  # a host index, or MANAGER
 
