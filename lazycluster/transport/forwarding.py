@@ -218,17 +218,28 @@ class ListeningTunnel(Tunnel):
             try:
                 target = self._open_target()
             except (OSError, TransportError) as error:
-                self.last_error = error
-                logger.warning(
-                    "Tunnel on host %s failed to connect port %d -> %d: %s",
-                    self.host,
-                    self.listen_port,
-                    self.target_port,
-                    error,
-                )
+                self._record_failure(error)
                 close_end(connection)
                 continue
             self._relays.relay(connection, target)
+
+    def _record_failure(self, error: OSError | TransportError) -> None:
+        if not isinstance(error, TransportError):
+            error = TransportError(
+                self.host,
+                f"Tunnel from port {self.listen_port} failed to connect to port "
+                f"{self.target_port} on host {self.host!r}: {error}. Check that a server "
+                "listens there.",
+                error,
+            )
+        self.last_error = error
+        logger.warning(
+            "Tunnel on host %s failed to connect port %d -> %d: %s",
+            self.host,
+            self.listen_port,
+            self.target_port,
+            error.__cause__ or error,
+        )
 
     @property
     def stream_count(self) -> int:

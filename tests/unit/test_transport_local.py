@@ -11,7 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from lazycluster.exceptions import CommandError, CommandTimeoutError, PortInUseError
+from lazycluster.exceptions import (
+    CommandError,
+    CommandTimeoutError,
+    PortInUseError,
+    TransportError,
+)
 from lazycluster.transport.local import LocalTransport, port_is_bound
 
 
@@ -447,7 +452,9 @@ def test_tunnel_to_port_nobody_listens_on(transport):
     with socket.create_connection(("127.0.0.1", listen), timeout=5) as client:
         assert client.recv(10) == b""
     assert tunnel.is_open
-    assert isinstance(tunnel.last_error, ConnectionRefusedError)
+    assert isinstance(tunnel.last_error, TransportError)
+    assert isinstance(tunnel.last_error.__cause__, ConnectionRefusedError)
+    assert str(target) in str(tunnel.last_error)
 
     # The tunnel keeps working once a server appears on the target port.
     server = EchoServer(target)
