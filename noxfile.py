@@ -25,6 +25,12 @@ SOURCE_DIRS = ["lazycluster", "sim", "containers", "tests", "noxfile.py"]
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 
+# A hung test fails with a traceback after this many seconds instead of
+# stalling CI; the Docker tests include cluster starts with timeouts of their own.
+PYTEST_TIMEOUT = "pytest-timeout==2.4.0"
+UNIT_TEST_TIMEOUT = "300"
+DOCKER_TEST_TIMEOUT = "600"
+
 # pytest exits with 5 when it collected no tests; an empty selection in the
 # default sessions is not a failure.
 PYTEST_OK = [0]
@@ -32,7 +38,7 @@ PYTEST_OK_OR_NO_TESTS = [0, 5]
 
 
 def install_project(session: nox.Session) -> None:
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test]", PYTEST_TIMEOUT)
 
 
 def docker_up_and_build(session: nox.Session) -> None:
@@ -44,7 +50,10 @@ def docker_up_and_build(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Unit, property and simulator tests (no Docker)."""
     install_project(session)
-    session.run("pytest", "-m", "not docker", *session.posargs, success_codes=PYTEST_OK_OR_NO_TESTS)
+    session.run(
+        "pytest", "-m", "not docker", f"--timeout={UNIT_TEST_TIMEOUT}", *session.posargs,
+        success_codes=PYTEST_OK_OR_NO_TESTS,
+    )
 
 
 @nox.session
@@ -52,7 +61,10 @@ def integration(session: nox.Session) -> None:
     """Tests against real sshd hosts in Docker containers on this machine."""
     install_project(session)
     docker_up_and_build(session)
-    session.run("pytest", "-m", "docker", *session.posargs, success_codes=PYTEST_OK)
+    session.run(
+        "pytest", "-m", "docker", f"--timeout={DOCKER_TEST_TIMEOUT}", *session.posargs,
+        success_codes=PYTEST_OK,
+    )
 
 
 @nox.session
