@@ -75,6 +75,10 @@ MAX_PARALLEL_SESSIONS = 8
 # bounded time instead of blocking it.
 CONTROL_TIMEOUT = 60.0
 
+# Seconds close() waits for the host to run a command before it cleans up
+# there; an unresponsive host is left as it is.
+CLOSE_PROBE_TIMEOUT = 10.0
+
 # TCP states in /proc/net/tcp that hold a port: all but TIME_WAIT (06), whose
 # port a server with SO_REUSEADDR can bind again.
 _TIME_WAIT = "06"
@@ -213,6 +217,10 @@ class SSHTransport(Transport):
                     )
                 break
             except ChannelNotOpened as error:
+                if deadline is not None and self.clock.monotonic() >= deadline:
+                    raise CommandTimeoutError(
+                        self.host, f"Command {text!r}", timeout or 0.0, error
+                    ) from error
                 if transport.is_active():
                     raise TransportError(
                         self.host,
@@ -423,19 +431,40 @@ class SSHTransport(Transport):
             self._closing = True
             processes = list(self._processes)
 
-        self.clock.map(self._stop_quietly, processes)
-        self._remote_forwards.close_all()
+        if self._responds():
+            self.clock.map(self._stop_quietly, processes)
+            self._remote_forwards.close_all(notify=True)
+            try:
+                self._run_script(f"rm -rf -- {shlex.quote(self._state_dir)}")
+            except (TransportError, CommandTimeoutError) as error:
+                logger.warning(
+                    "Failed to remove %s on host %s: %s", self._state_dir, self.host, error
+                )
+        else:
+            # sshd frees the forwarded ports itself once it sees the connection closed.
+            logger.warning(
+                "Host %s does not respond: leaving %d processes and %s there",
+                self.host,
+                len(processes),
+                self._state_dir,
+            )
+            self._remote_forwards.close_all(notify=False)
         for tunnel in self.tunnels:
             tunnel.close()
-        try:
-            self._run_script(f"rm -rf -- {shlex.quote(self._state_dir)}")
-        except (TransportError, CommandTimeoutError) as error:
-            logger.warning("Failed to remove %s on host %s: %s", self._state_dir, self.host, error)
 
         with self._lock:
             self._closed = True
             self._connection.close()
         logger.info("Disconnected from host %s", self.host)
+
+    def _responds(self) -> bool:
+        """Return whether the host runs a command within CLOSE_PROBE_TIMEOUT seconds."""
+        try:
+            self._execute("true", "true", timeout=CLOSE_PROBE_TIMEOUT)
+        except (TransportError, CommandTimeoutError) as error:
+            logger.warning("Host %s failed a liveness check before cleanup: %s", self.host, error)
+            return False
+        return True
 
     def _stop_quietly(self, process: SSHProcess) -> None:
         try:

@@ -29,7 +29,14 @@ READ_SIZE = 256 * 1024
 POLL_INTERVAL = 1.0
 
 # Seconds to wait for sshd to open a channel; paramiko's default is an hour.
+# A command with a timeout waits at most until its deadline, but no less than
+# the minimum.
 CHANNEL_OPEN_TIMEOUT = 30.0
+MIN_OPEN_TIMEOUT = 0.5
+
+# Seconds to wait for the kill of a timed-out command, which may hang on an
+# unresponsive host.
+KILL_TIMEOUT = 5.0
 
 
 class ChannelNotOpened(Exception):
@@ -96,8 +103,11 @@ def execute(
     clock: Clock,
 ) -> ExecOutcome:
     """Run `script` and collect its output until EOF, or until `deadline` on `clock`."""
+    open_timeout = CHANNEL_OPEN_TIMEOUT
+    if deadline is not None:
+        open_timeout = max(min(open_timeout, deadline - clock.monotonic()), MIN_OPEN_TIMEOUT)
     try:
-        channel = transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT)
+        channel = transport.open_session(timeout=open_timeout)
     except (paramiko.SSHException, EOFError, OSError) as error:
         raise ChannelNotOpened(str(error)) from error
 
@@ -193,10 +203,11 @@ def kill_group(transport: paramiko.Transport, pid: int, host: str) -> None:
     """Kill the process group `pid` on the host, logging instead of raising on failure."""
     script = f"kill -s KILL -- -{pid} 2>/dev/null; kill -s KILL {pid} 2>/dev/null; true"
     try:
-        channel = transport.open_session(timeout=CHANNEL_OPEN_TIMEOUT)
+        channel = transport.open_session(timeout=KILL_TIMEOUT)
         try:
             channel.exec_command(script)
-            channel.recv_exit_status()
+            if not channel.status_event.wait(KILL_TIMEOUT):
+                logger.warning("Kill of process group %d on host %s did not finish", pid, host)
         finally:
             channel.close()
     except (paramiko.SSHException, EOFError, OSError) as error:

@@ -249,13 +249,16 @@ class RemoteForwards:
                 )
             return True
 
-    def close_all(self) -> None:
-        """Close every forward, waiting for sshd's reply to the last cancel only."""
+    def close_all(self, notify: bool) -> None:
+        """Close every forward; with `notify`, cancel them on the host first.
+
+        Only the reply to the last cancel is awaited.
+        """
         with self._lock:
             tunnels = list(self._tunnels.values())
             self._tunnels.clear()
             transport = self._current_transport()
-            ports = [tunnel.listen_port for tunnel in tunnels]
+            ports = [tunnel.listen_port for tunnel in tunnels] if notify else []
             try:
                 # sshd handles global requests in order, so once the last cancel
                 # is answered every port of the list is free.

@@ -1220,3 +1220,22 @@ def test_start_process_unwritable_log_raises(transport):
     assert transport.host in str(caught.value)
     assert "start true" in str(caught.value)
     assert transport.processes == []
+
+
+def test_paused_host_timeouts_and_bounded_close(make_ssh_hosts, nothing_left):
+    group = make_ssh_hosts(1)
+    host = group[0]
+    transport = SSHBackend(str(group.ssh_config_path)).connect(host.alias)
+    transport.start_process(["sleep", "4328"])
+    host.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(CommandTimeoutError, match=host.alias):
+            transport.run(["true"], timeout=1.0)
+        assert time.monotonic() - started < 10
+
+        started = time.monotonic()
+        transport.close()
+        assert time.monotonic() - started < 30
+    finally:
+        host.unpause()
