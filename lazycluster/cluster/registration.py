@@ -24,6 +24,9 @@ from lazycluster.transport import ProcessHandle
 
 logger = logging.getLogger(__name__)
 
+# Seconds between checks whether the workers that have not registered yet still run.
+LIVENESS_CHECK_INTERVAL = 1.0
+
 
 def read_tail(process: ProcessHandle) -> str:
     """Return the last lines of a process log, or why they could not be read."""
@@ -46,8 +49,10 @@ def wait_for_registration(
     """
     pending = {worker.port: worker for worker in workers}
     exited: list[tuple[WorkerProcess, int]] = []
+    last_liveness_check = float("-inf")
 
     def all_registered_or_failed() -> bool:
+        nonlocal last_liveness_check
         if scheduler.poll() is not None:
             return True
         for port in registered_worker_ports(scheduler.read_log()):
@@ -55,6 +60,12 @@ def wait_for_registration(
         if not pending:
             return True
 
+        # Each poll of a remote worker is a round trip, so they are spaced out
+        # more than the reads of the local scheduler log.
+        now = clock.monotonic()
+        if now - last_liveness_check < LIVENESS_CHECK_INTERVAL:
+            return False
+        last_liveness_check = now
         codes = clock.map(lambda worker: worker.process.poll(), list(pending.values()))
         exited.extend(
             (worker, code)
