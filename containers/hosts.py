@@ -30,7 +30,7 @@ import paramiko
 
 from containers import cleanup
 from containers.faults import HostFaults, PortBlocker
-from containers.leftovers import Leftovers, find_leftovers
+from containers.leftovers import Leftovers, find_leftovers, remove_leftovers
 from containers.ssh_files import HostEntry, config_text, known_hosts_lines, write_key_pair
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,10 @@ class DockerHost(HostFaults):
     def leftovers(self, temp_pattern: str = "*") -> Leftovers:
         """Return the processes, listening ports and temp paths the harness did not start."""
         return find_leftovers(self, temp_pattern=temp_pattern)
+
+    def remove_leftovers(self, temp_pattern: str = "*") -> Leftovers:
+        """Kill leftover processes and delete leftover temp paths; return what was found."""
+        return remove_leftovers(self, temp_pattern=temp_pattern)
 
     def host_keys(self) -> list[str]:
         """Return the lines of the container's host public key files."""

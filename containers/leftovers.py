@@ -96,6 +96,18 @@ def list_temp_paths(host: DockerHost, pattern: str = "*", directories: Sequence[
     return sorted(result.stdout.split("\n")[:-1])
 
 
+def remove_leftovers(host: DockerHost, temp_pattern: str = "*") -> Leftovers:
+    """Kill the leftover processes (SIGKILL, by pid) and delete the leftover temp paths; return what was found."""
+    leftovers = find_leftovers(host, temp_pattern=temp_pattern)
+    for process in leftovers.processes:
+        # A child may already be gone with its parent.
+        if host.process_alive(process.pid):
+            host.exec(["kill", "-s", "KILL", str(process.pid)])
+    if leftovers.temp_paths:
+        host.exec(["rm", "-rf", "--", *leftovers.temp_paths]).check()
+    return leftovers
+
+
 def find_leftovers(
     host: DockerHost,
     temp_pattern: str = "*",

@@ -461,6 +461,57 @@ def test_undo_faults_restores_host(make_ssh_hosts) -> None:
     assert host.undo_faults() == []
 
 
+def test_remove_leftovers_cleans_host(make_ssh_hosts) -> None:
+    group = make_ssh_hosts(1)
+    host = group[0]
+    client = login(group, host.alias)
+    try:
+        exit_code, out, _err = run(client, "mkdir /tmp/junk-dir && (nohup sleep 300 >/dev/null 2>&1 </dev/null & echo $!)")
+    finally:
+        client.close()
+    assert exit_code == 0
+    pid = int(out.strip())
+
+    removed = host.remove_leftovers()
+
+    assert pid in [process.pid for process in removed.processes]
+    assert removed.temp_paths == ("/tmp/junk-dir",)  # noqa: S108 - in the container
+    assert not host.process_alive(pid)
+    assert host.leftovers().is_clean, str(host.leftovers())
+
+
+_ISOLATION_TESTS = """
+def test_fails_and_leaves_junk(ssh_hosts):
+    host = ssh_hosts[0]
+    host.exec(["mkdir", "/tmp/junk-of-failed-test"]).check()
+    host.exec(["sh", "-c", "nohup sleep 300 >/dev/null 2>&1 </dev/null &"]).check()
+    host.set_slow_start("*", 60)
+    host.occupy_port(45127)
+    assert False, "fails on purpose"
+
+
+def test_next_test_finds_clean_hosts(ssh_hosts):
+    for host in ssh_hosts:
+        assert host.leftovers().is_clean, str(host.leftovers())
+        assert host.occupied_ports() == []
+        assert host.exec(["test", "-e", "/etc/lazycluster-test/slow-start"]).exit_code == 1
+"""
+
+
+def test_failed_test_does_not_spoil_next(tmp_path: Path) -> None:
+    test_file = tmp_path / "test_isolation.py"
+    test_file.write_text(_ISOLATION_TESTS)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "containers.fixtures", "-p", "no:cacheprovider", "-q", "-rA", str(test_file)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+    assert "FAILED test_isolation.py::test_fails_and_leaves_junk" in result.stdout, result.stdout
+    assert "PASSED test_isolation.py::test_next_test_finds_clean_hosts" in result.stdout, result.stdout
+
+
 # Cleanup on interrupt and signals.
 
 # Both children reset SIGINT to KeyboardInterrupt, because a shell without job
