@@ -29,7 +29,7 @@ MYPY = "mypy==2.4.1"
 # stalling CI; the Docker tests include cluster starts with timeouts of their own.
 PYTEST_TIMEOUT = "pytest-timeout==2.4.0"
 UNIT_TEST_TIMEOUT = "300"
-DOCKER_TEST_TIMEOUT = "600"
+DOCKER_TEST_TIMEOUT = "300"
 
 # pytest exits with 5 when it collected no tests; an empty selection in the
 # default sessions is not a failure.
