@@ -11,11 +11,11 @@ import errno
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from lazycluster.exceptions import PortInUseError, TransportError
-from lazycluster.transport.base import Tunnel
+from lazycluster.transport.base import Tunnel, validate_port
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,25 @@ class StreamEnd(Protocol):
     def shutdown(self, how: int) -> Any: ...
 
     def close(self) -> Any: ...
+
+
+def validate_host_port(port: object, host: str, name: str = "port") -> int:
+    """Return `port` as an int, or raise like `validate_port` with `host` in the message."""
+    try:
+        return validate_port(port, name)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{error} Host: {host!r}.") from None
+
+
+def validate_pairs(pairs: Iterable[tuple[int, int]], host: str) -> list[tuple[int, int]]:
+    """Return the (listen port, target port) pairs of a tunnel request, validated."""
+    return [
+        (
+            validate_host_port(listen, host, "listen port"),
+            validate_host_port(target, host, "target port"),
+        )
+        for listen, target in pairs
+    ]
 
 
 def _shutdown(end: StreamEnd, how: int) -> None:

@@ -26,9 +26,14 @@ from lazycluster.transport.base import (
     Transport,
     Tunnel,
     command_to_shell,
-    validate_port,
 )
-from lazycluster.transport.forwarding import ListeningTunnel, NoOpTunnel, connect_loopback
+from lazycluster.transport.forwarding import (
+    ListeningTunnel,
+    NoOpTunnel,
+    connect_loopback,
+    validate_host_port,
+    validate_pairs,
+)
 from lazycluster.transport.shell import (
     EXIT_NOT_EXECUTABLE,
     EXIT_NOT_FOUND,
@@ -272,7 +277,7 @@ class LocalTransport(Transport):
     # Ports and tunnels
 
     def ports_in_use(self, ports: Iterable[int]) -> set[int]:
-        checked = [validate_port(port) for port in ports]
+        checked = [validate_host_port(port, self.host) for port in ports]
         return {port for port in checked if port_is_bound(port)}
 
     def forward_local(self, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
@@ -282,10 +287,7 @@ class LocalTransport(Transport):
         return self._open_tunnels("remote", pairs)
 
     def _open_tunnels(self, kind: str, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
-        checked = [
-            (validate_port(listen, "listen port"), validate_port(target, "target port"))
-            for listen, target in pairs
-        ]
+        checked = validate_pairs(pairs, self.host)
         opened: list[Tunnel] = []
         try:
             for listen, target in checked:

@@ -36,11 +36,12 @@ from lazycluster.transport.base import (
     Transport,
     Tunnel,
     command_to_shell,
-    validate_port,
 )
 from lazycluster.transport.forwarding import (
     ListeningTunnel,
     StreamEnd,
+    validate_host_port,
+    validate_pairs,
 )
 from lazycluster.transport.local import LocalTransport
 from lazycluster.transport.shell import build_script, validate_env
@@ -341,7 +342,7 @@ class SSHTransport(Transport):
     # Ports
 
     def ports_in_use(self, ports: Iterable[int]) -> set[int]:
-        checked = [validate_port(port) for port in ports]
+        checked = [validate_host_port(port, self.host) for port in ports]
         if not checked:
             return set()
         script = "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true"
@@ -359,7 +360,7 @@ class SSHTransport(Transport):
 
     def forward_local(self, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
         self._check_open()
-        checked = _checked_pairs(pairs)
+        checked = validate_pairs(pairs, self.host)
         opened: list[ListeningTunnel] = []
         try:
             for manager_port, host_port in checked:
@@ -402,7 +403,7 @@ class SSHTransport(Transport):
 
     def forward_remote(self, pairs: Sequence[tuple[int, int]]) -> list[Tunnel]:
         self._check_open()
-        return list(self._remote_forwards.open(_checked_pairs(pairs)))
+        return list(self._remote_forwards.open(validate_pairs(pairs, self.host)))
 
     # Bookkeeping
 
@@ -473,13 +474,6 @@ class SSHTransport(Transport):
             logger.warning(
                 "Failed to stop process %d on host %s: %s", process.pid, self.host, error
             )
-
-
-def _checked_pairs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    return [
-        (validate_port(listen, "listen port"), validate_port(target, "target port"))
-        for listen, target in pairs
-    ]
 
 
 class SSHBackend(Backend):

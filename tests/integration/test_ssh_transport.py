@@ -579,6 +579,10 @@ def test_run_command_not_found(transport):
     result = transport.run(["lazycluster-no-such-command"])
     assert result.exit_code == 127
     assert "not found" in result.stderr
+    with pytest.raises(CommandError) as caught:
+        result.check()
+    assert transport.host in str(caught.value)
+    assert "127" in str(caught.value)
 
 
 def test_run_nonzero_exit(transport):
@@ -785,8 +789,9 @@ def test_ports_in_use_sees_connected_port(transport):
 
 @pytest.mark.parametrize("port", [0, 65536, -5])
 def test_ports_in_use_rejects_out_of_range(transport, port):
-    with pytest.raises(ValueError, match=str(port)):
+    with pytest.raises(ValueError, match=str(port)) as caught:
         transport.ports_in_use([22, port])
+    assert transport.host in str(caught.value)
 
 
 # Tunnels
@@ -866,10 +871,14 @@ def test_forward_remote_batch_and_port_in_use(transport, host):
 
 
 def test_tunnels_reject_ports_out_of_range(transport):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="70000") as caught:
         transport.forward_local([(70000, 22)])
-    with pytest.raises(ValueError):
+    assert transport.host in str(caught.value)
+    with pytest.raises(ValueError, match="target port 0") as caught:
         transport.forward_remote([(8000, 0)])
+    assert transport.host in str(caught.value)
+    with pytest.raises(TypeError):
+        transport.forward_remote([("8000", 8001)])
     assert transport.tunnels == []
 
 
