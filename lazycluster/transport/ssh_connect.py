@@ -191,12 +191,25 @@ class Connector:
     ) -> paramiko.SSHClient:
         """Connect one client, retrying while sshd drops connections before its banner."""
         delay = HANDSHAKE_FIRST_DELAY
+        timeout = settings.connect_timeout or DEFAULT_CONNECT_TIMEOUT
         for attempt in range(1, HANDSHAKE_ATTEMPTS + 1):
+            started = self.clock.monotonic()
             try:
                 with self.gate:
                     return self._handshake_once(settings, kwargs, sock)
             except _HandshakeDropped as dropped:
+                # sshd drops connections beyond MaxStartups at once; a handshake
+                # that took most of the timeout hit a host that does not respond.
+                timed_out = self.clock.monotonic() - started >= timeout / 2
                 # A channel of a jump host cannot be reused after a failed handshake.
+                if timed_out:
+                    raise HostUnreachableError(
+                        settings.alias,
+                        f"Host {settings.alias!r} ({settings.hostname}:{settings.port}) did not "
+                        f"complete the SSH handshake within {timeout:g} s: {dropped.__cause__}. "
+                        "Check that the host is up and not overloaded, or raise ConnectTimeout.",
+                        dropped.__cause__,
+                    ) from dropped.__cause__
                 if sock is not None or attempt == HANDSHAKE_ATTEMPTS:
                     raise HostUnreachableError(
                         settings.alias,

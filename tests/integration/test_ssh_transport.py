@@ -1248,3 +1248,21 @@ def test_paused_host_timeouts_and_bounded_close(make_ssh_hosts, nothing_left):
         assert time.monotonic() - started < 30
     finally:
         host.unpause()
+
+
+def test_connect_to_paused_host_times_out(make_ssh_hosts, tmp_path, nothing_left):
+    group = make_ssh_hosts(1)
+    host = group[0]
+    config = write_config(
+        tmp_path / "config", host_block("frozen", host, group, ConnectTimeout="2")
+    )
+    host.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(HostUnreachableError) as caught:
+            SSHBackend(str(config)).connect("frozen")
+        assert time.monotonic() - started < 10
+        assert "'frozen'" in str(caught.value)
+        assert "within 2 s" in str(caught.value)
+    finally:
+        host.unpause()
