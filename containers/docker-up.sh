@@ -40,8 +40,10 @@ install_packages() {
     log "installing $(echo $packages) with apt-get"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
+    # With recommends, as in the set-up verified on Debian 12 (they include
+    # cgroupfs-mount, which dockerd may need where nothing mounts cgroups).
     # shellcheck disable=SC2086  # one word per package
-    apt-get install -y -q --no-install-recommends $packages
+    apt-get install -y -q $packages
 }
 
 engine_responds() { docker info >/dev/null 2>&1; }
