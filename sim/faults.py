@@ -69,7 +69,7 @@ class FaultPlan:
 
 
 class FaultInjector:
-    """Applies faults to a network and tells the simulation which one-shot faults are due."""
+    """Applies faults to a network and hands out the pending one-shot faults when they trigger."""
 
     def __init__(self, network: Network) -> None:
         self.network = network

@@ -169,7 +169,10 @@ class Network(Backend):
     def hold_port(self, host: str, port: int, label: str = "foreign process") -> None:
         """Let a process outside the library take `port` on `host` now."""
         if not self.host(host).bind(port, ForeignHolder(label)):
-            raise ValueError(f"Port {port} on {host!r} is already held by {self.host(host).ports[port]!r}.")
+            raise ValueError(
+                f"Port {port} on {host!r} is already taken by {self.host(host).ports[port]!r}. "
+                "Release it first or choose another port."
+            )
         self.record(host, "port.hold", f"port={port} {label}")
 
     def release_port(self, host: str, port: int) -> None:

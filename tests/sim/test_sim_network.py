@@ -57,7 +57,7 @@ def test_foreign_holders_are_not_leftovers(network):
 
 def test_hold_port_twice_raises(network):
     network.hold_port("h1", 5432)
-    with pytest.raises(ValueError, match="already held"):
+    with pytest.raises(ValueError, match="already taken"):
         network.hold_port("h1", 5432)
     network.release_port("h1", 5432)
     assert network.listening_ports("h1") == {}
