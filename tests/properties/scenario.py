@@ -68,9 +68,6 @@ class Scenario:
                 f"Invalid place {where!r}: expected {MANAGER!r} or a host index below {self.hosts}."
             )
 
-    def taken_on(self, where: Where) -> set[int]:
-        return {port for place, port in self.taken if place == where}
-
     @property
     def taken_anywhere(self) -> set[int]:
         return {port for _place, port in self.taken}
