@@ -358,8 +358,12 @@ def _raise_mapped(
     if isinstance(error, paramiko.SSHException) and "authentication" in str(error).lower():
         # paramiko raises a plain SSHException when it found no key to offer.
         raise _authentication_error(settings, error, options) from error
+    # paramiko reports a connection closed before the key exchange as a banner
+    # error, or as "No existing session" when start_client saw the transport die.
+    message = str(error).lower()
     dropped = isinstance(error, (EOFError, ConnectionResetError)) or (
-        isinstance(error, paramiko.SSHException) and "banner" in str(error).lower()
+        isinstance(error, paramiko.SSHException)
+        and ("banner" in message or "no existing session" in message)
     )
     if dropped:
         raise _HandshakeDropped() from error
