@@ -216,7 +216,12 @@ def test_line_splitter_handles_split_utf8_and_last_line():
 
 @pytest.mark.parametrize(
     ("path", "expected"),
-    [("~", '"$HOME"'), ("~/a b", "\"$HOME\"/'a b'"), ("/x/~y", "'/x/~y'"), ("~user/x", "'~user/x'")],
+    [
+        ("~", '"$HOME"'),
+        ("~/a b", "\"$HOME\"/'a b'"),
+        ("/x/~y", "'/x/~y'"),
+        ("~user/x", "'~user/x'"),
+    ],
 )
 def test_quote_path_keeps_home(path, expected):
     assert quote_path(path) == expected
