@@ -47,7 +47,13 @@ from lazycluster.transport.local import LocalTransport
 from lazycluster.transport.shell import build_script, validate_env
 from lazycluster.transport.ssh_config import SSHConfigFile, default_config_path
 from lazycluster.transport.ssh_connect import Connection, Connector
-from lazycluster.transport.ssh_exec import ChannelLost, ChannelNotOpened, execute, kill_group
+from lazycluster.transport.ssh_exec import (
+    CHANNEL_OPEN_TIMEOUT,
+    ChannelLost,
+    ChannelNotOpened,
+    execute,
+    kill_group,
+)
 from lazycluster.transport.ssh_files import get_path, put_path
 from lazycluster.transport.ssh_process import SSHProcess, start_script
 from lazycluster.transport.ssh_remote_forwards import RemoteForwards
@@ -390,6 +396,7 @@ class SSHTransport(Transport):
                 (LOOPBACK, manager_port),
                 window_size=TUNNEL_WINDOW_SIZE,
                 max_packet_size=TUNNEL_MAX_PACKET_SIZE,
+                timeout=CHANNEL_OPEN_TIMEOUT,
             )
         except paramiko.ChannelException as error:
             raise TransportError(
