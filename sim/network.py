@@ -299,21 +299,22 @@ class Network(Backend):
     def restart_host(self, name: str) -> None:
         """Reboot a host: every process ends, every port is free, connections are lost.
 
-        /tmp is emptied, as on systems that keep it in memory (tmpfs).
+        /tmp is emptied, as on systems that keep it in memory (tmpfs). Remote
+        forwards of open connections come back when those connections reconnect.
         """
         host = self.host(name)
         host.boot_count += 1
         self.record(name, "host.restart", f"boot={host.boot_count}")
         for process in list(host.processes.values()):
             process.exit(128 + SIGKILL, "host restart")
+        for transport in list(self._connections.get(name, [])):
+            if transport._connected:
+                transport._disconnect("host restarted")
         for port, holder in list(host.ports.items()):
             if isinstance(holder, SimTunnel):
                 holder.close()
             else:
                 host.ports.pop(port, None)
-        for transport in list(self._connections.get(name, [])):
-            if not transport._lost:
-                transport._drop("host restarted")
         for path in host.fs.under(TMP_DIR):
             if host.fs.exists(path):
                 host.fs.remove(path, recursive=True)

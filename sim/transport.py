@@ -20,6 +20,7 @@ from lazycluster.exceptions import (
     CommandTimeoutError,
     ConnectionLostError,
     PortInUseError,
+    TransportError,
 )
 from lazycluster.transport.base import (
     DEFAULT_STOP_GRACE,
@@ -80,7 +81,22 @@ class SimTunnel(Tunnel):
 
     @property
     def is_open(self) -> bool:
-        return self.listen_host.ports.get(self.listen_port) is self
+        return self.listen_host.ports.get(self.listen_port) is self or self in self.transport._suspended
+
+    def suspend(self) -> None:
+        """Give up the listen port while the connection is down; tell the close watchers."""
+        ports = self.listen_host.ports
+        if ports.get(self.listen_port) is self:
+            del ports[self.listen_port]
+        self.transport._suspended.add(self)
+        self._notify_watchers()
+
+    def resume(self) -> bool:
+        """Listen again after a reconnect; return False when the port was taken meanwhile."""
+        if not self.listen_host.bind(self.listen_port, self):
+            return False
+        self.transport._suspended.discard(self)
+        return True
 
     def watch_close(self, watcher: Callable[[SimTunnel], None]) -> None:
         """Call `watcher(tunnel)` once when the tunnel closes or its host loses the port."""
@@ -90,6 +106,10 @@ class SimTunnel(Tunnel):
         ports = self.listen_host.ports
         if ports.get(self.listen_port) is self:
             del ports[self.listen_port]
+        self.transport._suspended.discard(self)
+        self._notify_watchers()
+
+    def _notify_watchers(self) -> None:
         watchers = self.transport.network.tunnel_watchers.pop(self, None)
         for watcher in watchers or ():
             watcher(self)
@@ -156,8 +176,9 @@ class SimTransport(Transport):
         self.is_local = is_local
         self._boot = sim_host.boot_count
         self._closed = False
-        self._lost = False
-        self._lost_reason = ""
+        self._connected = True
+        # Remote forwards whose connection dropped, requested again on reconnect.
+        self._suspended: set[SimTunnel] = set()
         self._processes: list[SimProcessHandle] = []
         self._tunnels: list[SimTunnel] = []
         self._log_dir: str | None = None
@@ -165,37 +186,68 @@ class SimTransport(Transport):
     # -- connection state -------------------------------------------------
 
     def _enter(self, operation: str) -> None:
-        """Check the connection before an operation; apply connection faults."""
+        """Check the connection before an operation and apply connection faults.
+
+        Like `SSHTransport`, a dropped connection makes the operation that was
+        running fail with ConnectionLostError, and the next operation reconnects
+        once. `ports_in_use` is safe to repeat, so a drop during it is retried.
+        """
         if self._closed:
-            raise ConnectionLostError(
-                self.host, f"The connection to {self.host!r} is closed. Connect again first."
-            )
+            raise TransportError(self.host, f"The transport of host {self.host!r} is closed; connect again.")
         if not operation.startswith("forward_"):
             self.network.resume_gc()
         if self.is_local:
             return
-        if not self._lost:
-            if self.sim_host.unreachable:
-                self._drop("host became unreachable")
-            elif self.sim_host.boot_count != self._boot:
-                self._drop("host restarted")
-            elif self.network.faults.take_drop(self.host, operation):
-                self._drop(f"connection dropped during {operation}")
-        if self._lost:
+
+        host = self.sim_host
+        if self._connected and host.unreachable:
+            self._disconnect("host unreachable")
+        elif self._connected and host.boot_count != self._boot:
+            self._disconnect("host restarted")
+        if not self._connected:
+            self._reconnect()
+
+        if self.network.faults.take_drop(self.host, operation):
+            self._disconnect(f"connection dropped during {operation}")
+            if operation == "ports_in_use":
+                self._reconnect()
+                return
             raise ConnectionLostError(
                 self.host,
-                f"The connection to host {self.host!r} is lost ({self._lost_reason}), so "
-                f"{operation} failed. Check the host and reconnect.",
+                f"Connection to host {self.host!r} was lost during {operation}. The next "
+                "call reconnects; check that the host is up.",
             )
 
-    def _drop(self, reason: str) -> None:
-        """Lose the connection: its tunnels die with it, started processes keep running."""
-        self._lost = True
-        self._lost_reason = reason
+    def _disconnect(self, reason: str) -> None:
+        """Lose the connection. sshd frees the remote forwards, which wait for a reconnect;
+        local forwards keep listening on the manager and processes keep running."""
+        self._connected = False
         self.network.record(self.host, "connection.lost", reason)
-        logger.info("Simulated connection to %s lost: %s", self.host, reason)
+        logger.info("Simulated connection to host %s lost: %s", self.host, reason)
         for tunnel in self._tunnels:
-            tunnel.close()
+            if tunnel.kind == "remote" and tunnel.is_open:
+                tunnel.suspend()
+
+    def _reconnect(self) -> None:
+        """Connect again and request the suspended remote forwards; raise when the host fails."""
+        host = self.sim_host
+        problem = "it is unreachable" if host.unreachable else "authentication failed" if host.auth_fails else ""
+        if problem:
+            raise ConnectionLostError(
+                self.host,
+                f"Connection to host {self.host!r} dropped and reconnecting failed: {problem}. "
+                "Check that the host is up.",
+            )
+        self._connected = True
+        self._boot = host.boot_count
+        self.network.record(self.host, "connection.restored", f"{len(self._suspended)} remote forwards")
+        for tunnel in list(self._suspended):
+            if not tunnel.resume():
+                logger.warning(
+                    "Failed to restore forwarding of port %d on host %s: port in use",
+                    tunnel.listen_port,
+                    self.host,
+                )
 
     # -- commands -----------------------------------------------------------
 
@@ -431,21 +483,35 @@ class SimTransport(Transport):
         self.network.resume_gc()
         if self._closed:
             return
-        for tunnel in self._tunnels:
-            tunnel.close()
-        self._tunnels = []
 
-        # NOTE: a lost connection still stops processes when the host is reachable,
-        # as a transport that reconnects for cleanup would.
-        if not self.sim_host.unreachable:
+        if self._responds():
             for handle in self._processes:
                 if handle.process.alive and handle.process.host.boot_count == self._boot:
                     self._stop_process(handle.process, DEFAULT_STOP_GRACE)
             if self._log_dir is not None and self.sim_host.fs.is_dir(self._log_dir):
                 self.sim_host.fs.remove(self._log_dir, recursive=True)
+        else:
+            alive = sum(1 for handle in self._processes if handle.process.alive)
+            logger.warning(
+                "Host %s does not respond: leaving %d processes and %s there",
+                self.host,
+                alive,
+                self._log_dir,
+            )
+        for tunnel in self._tunnels:
+            tunnel.close()
+        self._tunnels = []
         self._closed = True
         self.network.record(self.host, "connection.close", "")
         self.network.forget(self)
+
+    def _responds(self) -> bool:
+        """Return whether the host can be reached for cleanup, reconnecting if needed."""
+        try:
+            self._enter("run")
+        except ConnectionLostError:
+            return False
+        return True
 
 
 def _all_ports(values: list[int]) -> bool:

@@ -104,21 +104,64 @@ def test_runtime_on_failing_hosts_raises_invalid_runtime(network):
     network.assert_clean()
 
 
-def test_drop_during_named_operation(network):
+def test_drop_fails_named_operation_then_reconnects(network):
     transport = network.connect("h1")
     handle = transport.start_process(["sleep", "100"])
-    tunnel = transport.forward_local([(5000, 6000)])[0]
-    network.faults.drop_connection("h1", operation="ports_in_use")
+    local = transport.forward_local([(5000, 6000)])[0]
+    remote = transport.forward_remote([(7000, 8000)])[0]
+    network.faults.drop_connection("h1", operation="run")
 
+    with pytest.raises(ConnectionLostError, match="lost during run"):
+        transport.run(["true"])
+    assert network.connect("h2").ports_in_use([7000]) == set()
+    assert transport.ports_in_use([7000]) == {7000}
+
+    assert handle.process.alive
+    assert local.is_open
+    assert remote.is_open
     assert transport.run(["true"]).ok
-    with pytest.raises(ConnectionLostError, match="dropped during ports_in_use"):
-        transport.ports_in_use([80])
+
+
+def test_drop_during_ports_in_use_is_retried(network):
+    transport = network.connect("h1")
+    network.hold_port("h1", 7000)
+    network.faults.drop_connection("h1", operation="ports_in_use")
+    assert transport.ports_in_use([7000, 7001]) == {7000}
+    assert [event.kind for event in network.trace[-2:]] == ["connection.lost", "connection.restored"]
+
+
+def test_remote_forward_taken_while_down_is_not_restored(network):
+    transport = network.connect("h1")
+    remote = transport.forward_remote([(7000, 8000)])[0]
+    network.faults.drop_connection("h1")
     with pytest.raises(ConnectionLostError):
         transport.run(["true"])
+    network.hold_port("h1", 7000)
 
-    assert not tunnel.is_open
+    assert transport.run(["true"]).ok
+    assert not isinstance(network.listening_ports("h1")[7000], sim.SimTunnel)
+    remote.close()
+    assert not remote.is_open
+
+
+def test_reconnect_fails_while_unreachable(network):
+    transport = network.connect("h1")
+    network.faults.unreachable("h1", until=5)
+    with pytest.raises(ConnectionLostError, match="reconnecting failed"):
+        transport.run(["true"])
+    network.clock.sleep(6)
+    assert transport.run(["true"]).ok
+
+
+def test_close_of_unreachable_host_leaves_processes(network, caplog):
+    transport = network.connect("h1")
+    handle = transport.start_process(["sleep", "100"])
+    network.faults.unreachable("h1")
+    transport.close()
+
     assert handle.process.alive
-    assert network.connect("h1").run(["true"]).ok
+    assert "does not respond" in caplog.text
+    assert any("still running: sleep 100" in line for line in network.leftovers())
 
 
 def test_drop_is_consumed_once(network):
@@ -245,7 +288,7 @@ def test_worker_crash_during_start_fails_start(network):
 # host restart
 
 
-def test_restart_ends_processes_and_connections(network):
+def test_restart_ends_processes_and_reconnects(network):
     transport = network.connect("h1")
     handle = transport.start_process(["sleep", "100"])
     network.hold_port("h1", 7000)
@@ -255,9 +298,11 @@ def test_restart_ends_processes_and_connections(network):
     assert handle.process.exit_code == 128 + 9
     assert network.listening_ports("h1") == {}
     assert network.files("h1", TMP_DIR) == []
-    with pytest.raises(ConnectionLostError, match="restarted"):
-        transport.run(["true"])
-    assert network.connect("h1").run(["true"]).ok
+    assert transport.run(["true"]).ok
+    assert [event.kind for event in network.trace if event.kind.startswith("connection.")] == [
+        "connection.lost",
+        "connection.restored",
+    ]
 
 
 def test_restart_of_worker_host_stops_worker_and_tunnels(network):
@@ -267,7 +312,8 @@ def test_restart_of_worker_host_stops_worker_and_tunnels(network):
         cluster.start()
         network.restart_host("h1")
         assert network.processes("h1") == []
-        assert network.open_tunnels("h1") == []
+        assert network.listening_ports("h1") == {}
+        assert {tunnel.kind for tunnel in network.open_tunnels("h1")} == {"local"}
         cluster.cleanup()
         group.cleanup()
     network.assert_clean()

@@ -12,6 +12,7 @@ from lazycluster.cluster.dask_commands import (
     scheduler_serves,
     worker_command,
 )
+from lazycluster.exceptions import ConnectionLostError
 
 SCHEDULER_PORT = 8786
 
@@ -203,3 +204,20 @@ def test_unknown_worker_flags_are_ignored(network):
     network.local().start_process(argv)
     network.clock.sleep(1)
     assert registered_worker_ports(scheduler.read_log()) == {9001}
+
+
+def test_worker_registers_again_after_reconnect(network):
+    scheduler = start_scheduler(network)
+    transport, worker = start_worker(network, "h1", 9001, "h1-0", death_timeout=30)
+    transport.forward_remote([(SCHEDULER_PORT, SCHEDULER_PORT)])
+    network.clock.sleep(1)
+    network.faults.drop_connection("h1")
+
+    with pytest.raises(ConnectionLostError):
+        transport.run(["true"])
+    assert "Remove worker addr: tcp://127.0.0.1:9001" in scheduler.read_log()
+
+    transport.run(["true"])
+    network.clock.sleep(1)
+    assert scheduler.read_log().count("Register worker addr: tcp://127.0.0.1:9001 name: h1-0") == 2
+    assert worker.poll() is None
