@@ -29,9 +29,9 @@ _EXPORTS = {
     "Program": "sim.process",
     "SimHost": "sim.host",
     "SimProcess": "sim.process",
-    "SimProcessHandle": "sim.transport",
+    "SimProcessHandle": "sim.handles",
     "SimTransport": "sim.transport",
-    "SimTunnel": "sim.transport",
+    "SimTunnel": "sim.handles",
     "TraceEvent": "sim.network",
     "VirtualClock": "sim.clock",
 }

@@ -20,10 +20,11 @@ from sim.builtins import find_builtin
 from sim.clock import VirtualClock
 from sim.commands import Call, Handler
 from sim.faults import Fault, FaultInjector, FaultPlan
+from sim.handles import SimTunnel
 from sim.host import TMP_DIR, ForeignHolder, SimHost
 from sim.process import SIGKILL, Program, SimProcess
 from sim.programs import match_dask
-from sim.transport import TEMP_PREFIX, SimTransport, SimTunnel
+from sim.transport import TEMP_PREFIX, SimTransport
 
 logger = logging.getLogger(__name__)
 
