@@ -19,8 +19,9 @@ class SimTunnel(Tunnel):
     a "remote" one listens on the host and leads to the manager.
 
     A tunnel is open while the port table of its listening host maps its listen
-    port to it. Close watchers live in the network, so a tunnel has four fields
-    only, which matters because a full mesh has millions of tunnels.
+    port to it, or while it waits for its connection to come back. Close
+    watchers live in the network, so a tunnel has four fields only, which
+    matters because a full mesh has millions of tunnels.
     """
 
     __slots__ = ("transport", "kind", "listen_port", "target_port")
