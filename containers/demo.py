@@ -111,15 +111,15 @@ def print_placement(cluster: Any, client: Any) -> None:
     print(
         f"\nScheduler {cluster.scheduler_address} on this machine; dashboard {cluster.dashboard_link}"
     )
-    for worker in sorted(cluster._worker_launcher.workers, key=lambda worker: worker.index):
+    for worker in cluster.workers:
         info = registered.get(f"tcp://127.0.0.1:{worker.port}", {})
         print(
             f"  worker {worker.index}: host {worker.host:<10} port {worker.port} "
             f"threads {info.get('nthreads', '?')} name {worker.name}"
         )
-    if len(registered) != len(cluster._worker_launcher.workers):
+    if len(registered) != len(cluster.workers):
         raise AssertionError(
-            f"The scheduler lists {len(registered)} workers, expected {len(cluster._worker_launcher.workers)}."
+            f"The scheduler lists {len(registered)} workers, expected {len(cluster.workers)}."
         )
 
 

@@ -151,8 +151,8 @@ class WorkerLauncher(_Launcher, ABC):
 
     @property
     def workers(self) -> list[WorkerProcess]:
-        """Every worker started and not yet stopped, in start order."""
-        return list(self._workers)
+        """Every worker started and not yet stopped, by index."""
+        return sorted(self._workers, key=lambda worker: worker.index)
 
     @abstractmethod
     def start(
@@ -302,6 +302,11 @@ class MasterWorkerCluster(RuntimeCluster):
     def ports(self) -> list[int]:
         """The candidate ports not used yet."""
         return list(self._ports)
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        """Every running worker with its index, name, host, port and process, by index."""
+        return self._worker_launcher.workers
 
     def start(
         self, worker_count: int | None = None, master_port: int | None = None, debug: bool = False

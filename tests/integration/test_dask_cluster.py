@@ -201,7 +201,7 @@ def test_master_port_taken_on_host_raises(group: RuntimeGroup, ssh_hosts: Any) -
     assert_manager_ports_free([master_port, *PORTS])
 
 
-def test_default_master_port_taken_falls_back_to_list(group: RuntimeGroup, ssh_hosts: Any) -> None:
+def test_default_master_port_taken_uses_list(group: RuntimeGroup, ssh_hosts: Any) -> None:
     # Ports no other test uses: a port that a worker closed a moment ago may sit
     # in TIME_WAIT, where the blocker (without SO_REUSEADDR) cannot bind it.
     ports = list(range(29480, 29490))

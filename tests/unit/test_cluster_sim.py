@@ -323,3 +323,21 @@ def test_runtime_added_later_is_version_checked() -> None:
                 cluster.start_workers(1)
 
             assert cluster._worker_launcher.ports_per_host == {"h1": [PORTS[0]]}
+
+
+def test_workers_property_lists_started_workers() -> None:
+    network = sim.Network(2, seed=14)
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS)
+        assert cluster.workers == []
+
+        cluster.start(worker_count=3)
+        assert [(w.index, w.host, w.port) for w in cluster.workers] == [
+            (0, "h1", PORTS[0]),
+            (1, "h2", PORTS[1]),
+            (2, "h1", PORTS[2]),
+        ]
+
+        cluster.cleanup()
+        assert cluster.workers == []
