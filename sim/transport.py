@@ -339,8 +339,12 @@ class SimTransport(Transport):
             validate_port(target_port, "target port")
             if self.is_local and listen_port == target_port:
                 continue
+            remote = listen_host is not self.network.manager
+            if listen_port in seen and remote:
+                # SSHTransport checks a batch of remote forwards before requesting any.
+                raise ValueError(f"Invalid remote forwards {list(pairs)}: a host port appears twice.")
             if listen_port in listen_host.ports or listen_port in seen:
-                where = "the manager" if listen_host is self.network.manager else f"host {listen_host.name!r}"
+                where = f"host {listen_host.name!r}" if remote else "the manager"
                 raise PortInUseError(listen_port, where=where)
             seen.add(listen_port)
 

@@ -7,7 +7,7 @@ import pytest
 import sim
 from lazycluster import Runtime, RuntimeGroup, RuntimeManager, RuntimeTask
 from lazycluster.cluster.dask_cluster import DaskCluster
-from lazycluster.exceptions import NoRuntimesDetectedError, TaskExecutionError
+from lazycluster.exceptions import NoRuntimesDetectedError, PortInUseError, TaskExecutionError
 from lazycluster.transport import get_backend, set_backend, use_backend
 
 
@@ -289,3 +289,17 @@ def test_garbage_collection_resumes_on_close_and_clock(network):
     network.connect("h2").forward_remote([(7000, 8000)])
     network.clock.sleep(0)
     assert gc.isenabled()
+
+
+def test_remote_forward_batch_with_duplicate_port_raises(network):
+    transport = network.connect("h1")
+    with pytest.raises(ValueError, match="appears twice"):
+        transport.forward_remote([(7000, 8000), (7000, 8001)])
+    assert network.listening_ports("h1") == {}
+
+
+def test_remote_forward_to_taken_host_port_raises(network):
+    network.hold_port("h1", 7000)
+    with pytest.raises(PortInUseError, match="host 'h1'"):
+        network.connect("h1").forward_remote([(7001, 8000), (7000, 8000)])
+    assert list(network.listening_ports("h1")) == [7000]
