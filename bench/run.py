@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -52,12 +53,17 @@ def run_module(name: str, context: Context, report: Report) -> None:
     print(f"   done in {time.monotonic() - started:.0f} s", flush=True)
 
 
+def _load(values: tuple[float, float, float]) -> str:
+    return "/".join(f"{value:.1f}" for value in values)
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
 
     started = time.monotonic()
+    load_at_start = os.getloadavg()
     report = Report()
     workdir = Path(tempfile.mkdtemp(prefix="lazycluster-bench-"))
     hosts = None
@@ -76,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             hosts.close()
 
     total = time.monotonic() - started
-    page = render_page(report, machine_facts(), total, quick=arguments.quick, only=arguments.only)
+    load = f"- Load average (1, 5, 15 min) at start {_load(load_at_start)}, at end {_load(os.getloadavg())}"
+    page = render_page(report, [*machine_facts(), load], total, quick=arguments.quick, only=arguments.only)
     print(page)
     if not arguments.no_write:
         PAGE.write_text(page)
