@@ -212,7 +212,9 @@ class LocalMasterLauncher(MasterLauncher):
         if code is None and serves():
             return
         tail = read_tail(process)
-        if code is not None and bind_failed(tail):
+        # The whole log, because the EADDRINUSE error comes first in a chained
+        # traceback that is longer than the tail.
+        if code is not None and bind_failed(process.read_log()):
             raise PortInUseError(
                 port, where=f"host {manager.host!r}, taken while the scheduler started"
             )

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -437,3 +438,31 @@ def test_scheduler_with_dashboard_listens_on_loopback(
         addresses = listening_addresses_of(cluster._master_launcher.process.pid)  # type: ignore[union-attr]
         assert link.removeprefix("http://").removesuffix("/status") in addresses
         assert [a for a in addresses if not a.startswith("127.0.0.1:")] == []
+
+
+def test_port_taken_during_scheduler_start_uses_next(
+    backend: HostsBackend, group: RuntimeGroup
+) -> None:
+    launcher = LocalMasterLauncher(group)
+    taken: list[socket.socket] = []
+
+    def take_port_once_scheduler_runs() -> None:
+        # The scheduler needs about a second to import distributed, so the port
+        # is taken after the launcher checked it and before the scheduler binds it.
+        deadline = time.monotonic() + 30
+        while not backend.manager.processes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        taken.append(take_port(PORTS[0]))
+
+    racer = threading.Thread(target=take_port_once_scheduler_runs)
+    racer.start()
+    try:
+        remaining = launcher.start(PORTS[:4], timeout=30)
+
+        assert launcher.port == PORTS[1]
+        assert remaining == PORTS[2:4]
+    finally:
+        racer.join()
+        launcher.cleanup()
+        for sock in taken:
+            sock.close()
