@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,10 +26,45 @@ from lazycluster.exceptions import NoPortsLeftError, PortInUseError
 from lazycluster.group import RuntimeGroup
 from lazycluster.transport.local import LocalTransport
 
+# Marker sockets of the port blocks this process reserved; open until it exits.
+_block_markers: list[socket.socket] = []
+
+
+def reserve_port_block(first: int, last: int, size: int) -> list[int]:
+    """Return `size` free manager ports that no concurrent run of these tests uses.
+
+    A run listens on the port before its block for as long as it lives, and
+    every other run skips a block whose marker port it cannot bind.
+    """
+    for start in range(first, last - size, size + 1):
+        marker = socket.socket()
+        try:
+            marker.bind(("127.0.0.1", start))
+            marker.listen(1)
+        except OSError:
+            marker.close()
+            continue
+        block = list(range(start + 1, start + 1 + size))
+        if not LocalTransport().ports_in_use(block):
+            _block_markers.append(marker)
+            return block
+        marker.close()
+    raise RuntimeError(f"No block of {size} free ports from {first} to {last} on 127.0.0.1.")
+
+
 # Ports of these tests: below the ephemeral range (32768 on Linux), so no client
-# connection on the manager takes one, and away from Dask's defaults.
-PORTS = list(range(29410, 29450))
-MASTER_PORT = 29400
+# connection on the manager takes one, and away from Dask's defaults. Each
+# test that blocks ports on a host has ports of its own, because a port that a
+# worker closed a moment ago may sit in TIME_WAIT there, where the blocker
+# (without SO_REUSEADDR) cannot bind it.
+BLOCK = reserve_port_block(29400, 31400, 100)
+MASTER_PORT = BLOCK[0]
+BLOCKED_MASTER_PORT = BLOCK[1]
+PORTS = BLOCK[10:50]
+FALLBACK_PORTS = BLOCK[50:60]
+SHORT_PORTS = BLOCK[60:63]
+KILLED_MANAGER_MASTER_PORT = BLOCK[63]
+KILLED_MANAGER_PORTS = BLOCK[64:84]
 
 # The temporary directories the library creates on hosts (host_commands.TEMP_DIR_PREFIX).
 TEMP_PATTERN = "lazycluster-*"
@@ -188,7 +224,7 @@ def test_word_count_over_all_workers(group: RuntimeGroup) -> None:
 
 
 def test_master_port_taken_on_host_raises(group: RuntimeGroup, ssh_hosts: Any) -> None:
-    master_port = 29401  # used by no other test, so not in TIME_WAIT
+    master_port = BLOCKED_MASTER_PORT
     blocked = ssh_hosts[1]
     blocked.occupy_port(master_port)
     cluster = DaskCluster(group, ports=PORTS)
@@ -202,9 +238,7 @@ def test_master_port_taken_on_host_raises(group: RuntimeGroup, ssh_hosts: Any) -
 
 
 def test_default_master_port_taken_uses_list(group: RuntimeGroup, ssh_hosts: Any) -> None:
-    # Ports no other test uses: a port that a worker closed a moment ago may sit
-    # in TIME_WAIT, where the blocker (without SO_REUSEADDR) cannot bind it.
-    ports = list(range(29480, 29490))
+    ports = FALLBACK_PORTS
     blocked = ssh_hosts[0]
     blocked.occupy_port(DaskCluster.DEFAULT_MASTER_PORT)
     blocked.occupy_port(ports[0])
@@ -219,7 +253,7 @@ def test_default_master_port_taken_uses_list(group: RuntimeGroup, ssh_hosts: Any
 
 
 def test_exhausted_port_list_raises_before_workers(group: RuntimeGroup, ssh_hosts: Any) -> None:
-    ports = list(range(29490, 29493))
+    ports = SHORT_PORTS
     ssh_hosts[2].occupy_port(ports[1])
     cluster = DaskCluster(group, ports=ports)
 
@@ -273,8 +307,10 @@ import sys
 from lazycluster.cluster.dask_cluster import DaskCluster
 from lazycluster.group import RuntimeGroup
 
-cluster = DaskCluster(RuntimeGroup(hosts=sys.argv[1:]), ports=list(range(29460, 29480)))
-cluster.start(master_port=29459)
+master_port, first_port, last_port, *hosts = sys.argv[1:]
+ports = list(range(int(first_port), int(last_port) + 1))
+cluster = DaskCluster(RuntimeGroup(hosts=hosts), ports=ports)
+cluster.start(master_port=int(master_port))
 print("ready", cluster._master_launcher.process.pid, flush=True)
 sys.stdin.read()
 """
@@ -292,7 +328,15 @@ def process_running(pid: int) -> bool:
 def test_workers_exit_after_manager_is_killed(ssh_backend: Any, ssh_hosts: Any) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     manager = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(MANAGER_SCRIPT), *ssh_hosts.aliases],
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(MANAGER_SCRIPT),
+            str(KILLED_MANAGER_MASTER_PORT),
+            str(KILLED_MANAGER_PORTS[0]),
+            str(KILLED_MANAGER_PORTS[-1]),
+            *ssh_hosts.aliases,
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
@@ -342,7 +386,9 @@ def test_version_mismatch_on_real_host(make_ssh_hosts: Any) -> None:
     with use_backend(backend):
         group = RuntimeGroup(hosts=hosts.aliases)
         try:
-            with pytest.raises(VersionMismatchError, match=f"'{host.alias}' has no installed version"):
+            with pytest.raises(
+                VersionMismatchError, match=f"'{host.alias}' has no installed version"
+            ):
                 DaskCluster(group, ports=PORTS).start(master_port=MASTER_PORT)
         finally:
             group.cleanup()
