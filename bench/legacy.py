@@ -13,7 +13,7 @@ What 0.2.4 needs and what this module does about it (the page lists it too):
   host's environment for its host probe: a symlink and a line in
   /etc/environment.
 - fabric reads ~/.ssh/config: the driver runs with HOME set to a folder whose
-  .ssh holds copies of the generated config and known_hosts.
+  .ssh contains copies of the generated config and known_hosts.
 It changes the containers, so it runs after every other module.
 """
 

@@ -19,6 +19,7 @@ REGISTER_TIMEOUT = 300
 
 def main(hosts):
     from distributed import Client
+
     from lazycluster import RuntimeGroup
     from lazycluster.cluster.dask_cluster import DaskCluster
 

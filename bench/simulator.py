@@ -39,7 +39,7 @@ def one_start(host_count: int, worker_count: int, with_cleanup: bool, seed: int 
     seconds: dict[str, float] = {}
     with use_backend(network):
         group = RuntimeGroup(hosts=list(network.hosts))
-        # The default port range holds fewer ports than the large cluster needs.
+        # The default port range contains fewer ports than the large cluster needs.
         cluster = DaskCluster(group, ports=list(range(30000, 30000 + worker_count + 100)))
         started = time.perf_counter()
         cluster.start(worker_count=worker_count)

@@ -14,8 +14,8 @@ from typing import Any
 
 from bench.context import Context
 from bench.docker_exec import ExecProcess
-from bench.report import MEGABYTE, Section, at_least, at_most
-from bench.stats import Sample, repeat_each
+from bench.report import MEGABYTE, Section, at_least
+from bench.stats import Sample
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ CHUNK = 1024 * 1024
 REQUESTS = 1000
 REQUEST_BYTES = 64
 
-# Mode byte "s": read to end of stream and answer the byte count. Mode "e":
+# Mode byte "s": read to the end of the stream and send back the byte count. Mode "e":
 # echo every received block until end of stream.
 SERVER = """
 import socket, sys, threading
@@ -137,12 +137,14 @@ def measure_paths(context: Context, section: Section, paths: dict[str, tuple[str
     labels = {"direct": "direct TCP to the container (floor)", "ours": "SSHTransport.forward_local", "openssh": "OpenSSH `ssh -L`"}
     for name, address in paths.items():
         push(address)  # warm-up: window sizes and caches
-        section.add(f"tunnel-rate-{name}", f"Throughput, {PAYLOAD_BYTES // MEGABYTE} MB: {labels[name]}", repeat_each(lambda: push(address), context.runs(5, 2)), size=PAYLOAD_BYTES)
+        rates = Sample(tuple(push(address) for _ in range(context.runs(5, 2))))
+        section.add(f"tunnel-rate-{name}", f"Throughput, {PAYLOAD_BYTES // MEGABYTE} MB: {labels[name]}", rates, size=PAYLOAD_BYTES)
     latency = {}
     for name, address in paths.items():
-        latency[name] = section.add(f"tunnel-latency-{name}", f"Latency of a {REQUEST_BYTES}-byte echo (median of {REQUESTS}): {labels[name]}", repeat_each(lambda: echo_latency(address), context.runs(5, 2)))
+        medians = Sample(tuple(echo_latency(address) for _ in range(context.runs(5, 2))))
+        latency[name] = section.add(f"tunnel-latency-{name}", f"Latency of a {REQUEST_BYTES}-byte echo (median of {REQUESTS}): {labels[name]}", medians)
     # Paired run by run: the added latency of the tunnel over the direct path.
-    added = tuple(ours - direct for ours, direct in zip(latency["ours"].sample.seconds, latency["direct"].sample.seconds))
+    added = tuple(ours - direct for ours, direct in zip(latency["ours"].sample.seconds, latency["direct"].sample.seconds, strict=True))
     section.add("tunnel-latency-added", "Added latency per request: forward_local − direct", Sample(added))
     section.goal("Added latency per request of forward_local", "tunnel-latency-added", 1e-3)
 
