@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,9 @@ SSH_PORT = 22
 READY_TIMEOUT = 60.0
 LOGIN_TIMEOUT = 10.0
 LOGIN_RETRY_INTERVAL = 0.2
+# How long a failed or interrupted start waits for its threads before it
+# removes the containers; a container created later is left to the atexit sweep.
+ABORT_WAIT_TIMEOUT = 30.0
 HOST_KEY_FILES = "/etc/ssh/ssh_host_*_key.pub"
 
 # Aliases are unique within the process, so hosts of several groups never clash.
@@ -313,8 +316,10 @@ def start_hosts(
     started = time.monotonic()
     hosts: list[DockerHost] = []
     pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="start-host")
+    futures: list[Future[Any]] = []
     try:
-        futures = [pool.submit(_start_container, image, alias, public_key, user, group_id) for alias in aliases]
+        for alias in aliases:
+            futures.append(pool.submit(_start_container, image, alias, public_key, user, group_id))
         # Collect every future before raising, so no started container goes unrecorded.
         errors = []
         for future in futures:
@@ -330,10 +335,11 @@ def start_hosts(
         list(pool.map(lambda host: _wait_for_login(group, host, ready_timeout, abort), hosts))
     except BaseException:
         log.warning("start of test hosts %s failed or was interrupted, removing their containers", aliases)
-        # Wait for the threads so that a container being created right now is
-        # labelled and findable, then remove the group by its label.
+        # Wait (bounded) for the threads, so that a container being created
+        # right now exists when the group is removed by its label.
         abort.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+        wait(futures, timeout=ABORT_WAIT_TIMEOUT)
         for host in hosts:
             _remove_container(host.container)
         cleanup.remove_containers(group_id=group_id)

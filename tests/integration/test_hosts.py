@@ -521,9 +521,7 @@ def test_failed_test_does_not_spoil_next(tmp_path: Path) -> None:
 _START_SCRIPT = """
 import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from containers import cleanup
 from containers.hosts import start_hosts
-print(cleanup.RUN_ID, flush=True)
 start_hosts(3, image=sys.argv[1], ready_timeout=120)
 print("started", flush=True)
 # Wait for the signal, so that a start that beats the signal still exits by it
@@ -536,26 +534,26 @@ threading.Event().wait()
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_start(ssh_hosts: HostGroup, signum: int) -> None:
     image = build_image()
+    run_id = uuid.uuid4().hex
+    label = f"{cleanup.RUN_LABEL}={run_id}"
     process = subprocess.Popen(
         [sys.executable, "-c", _START_SCRIPT, image],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "LAZYCLUSTER_TEST_RUN_ID": run_id},
     )
     try:
-        assert process.stdout is not None
-        run_id = process.stdout.readline().strip()
-        label = f"{cleanup.RUN_LABEL}={run_id}"
         _wait_until(lambda: len(run_labelled(label)) >= 1, timeout=60)
 
         process.send_signal(signum)
-        _stdout, stderr = process.communicate(timeout=60)
+        _stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode != 0, stderr
+        assert run_labelled(label) == [], stderr
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-
-    assert process.returncode != 0, stderr
-    assert run_labelled(label) == [], stderr
+        # After a failure, leave no containers of the child run behind.
+        cleanup.remove_containers(run_id=run_id)
 
 
 _PYTEST_SCRIPT = """
@@ -580,15 +578,16 @@ def test_pytest_interrupted_during_start(ssh_hosts: HostGroup) -> None:
         _wait_until(lambda: len(run_labelled(label)) >= 1, timeout=120)
 
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=60)
+        output, _ = process.communicate(timeout=120)
+        assert "KeyboardInterrupt" in output, output
+        assert process.returncode == 2, output
+        assert run_labelled(label) == [], output
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-
-    assert "KeyboardInterrupt" in output, output
-    assert process.returncode == 2, output
-    assert run_labelled(label) == [], output
+        # After a failure, leave no containers of the child run behind.
+        cleanup.remove_containers(run_id=run_id)
 
 
 # Helpers.
