@@ -1,4 +1,4 @@
-"""Sessions for tests, lint, type checks, the Docker integration tests and the demo.
+"""Sessions for tests, lint, type checks, the Docker integration tests, the demo and benchmarks.
 
 `nox` alone runs the default sessions (tests, lint, typecheck), which need no
 Docker. `nox -s integration` and `nox -s demo` bring up a Docker engine with
