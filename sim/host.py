@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import random
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ DEFAULT_EXECUTABLES = frozenset(
 )
 
 
+@functools.cache
 def installed_version(package: str, fallback: str) -> str:
     """Return the manager's installed version of `package`, so hosts match it by default."""
     try:

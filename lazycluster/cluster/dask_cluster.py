@@ -324,9 +324,11 @@ class RoundRobinLauncher(WorkerLauncher):
             self._rebuild_ports_per_host()
             self.setup_worker_ssh_tunnels()
         except BaseException:
+            known_workers = {id(worker) for worker in workers_before}
+            known_tunnels = {id(tunnel) for tunnel in tunnels_before}
             self._discard(
-                [worker for worker in self._workers if worker not in workers_before],
-                [tunnel for tunnel in self._tunnels if tunnel not in tunnels_before],
+                [worker for worker in self._workers if id(worker) not in known_workers],
+                [tunnel for tunnel in self._tunnels if id(tunnel) not in known_tunnels],
             )
             raise
 

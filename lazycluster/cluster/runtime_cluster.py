@@ -210,9 +210,12 @@ class WorkerLauncher(_Launcher, ABC):
         stop_processes([worker.process for worker in workers], clock, role="worker")
         close_tunnels(tunnels, clock)
 
+        # Sets of ids keep this linear: a large mesh has millions of tunnels.
+        discarded_workers = {id(worker) for worker in workers}
+        discarded_tunnels = {id(tunnel) for tunnel in tunnels}
         with self._lock:
-            self._workers = [worker for worker in self._workers if worker not in workers]
-            self._tunnels = [tunnel for tunnel in self._tunnels if tunnel not in tunnels]
+            self._workers = [w for w in self._workers if id(w) not in discarded_workers]
+            self._tunnels = [t for t in self._tunnels if id(t) not in discarded_tunnels]
         self._rebuild_ports_per_host()
 
     def _rebuild_ports_per_host(self) -> None:
