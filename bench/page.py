@@ -18,7 +18,8 @@ def _command_output(argv: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"({argv[0]} failed: {error})"
     # `ssh -V` prints its version on stderr.
-    return (result.stdout or result.stderr).strip()
+    # Leading spaces are kept: they align the header of `free -h`.
+    return (result.stdout or result.stderr).strip("\n").rstrip()
 
 
 def machine_facts() -> list[str]:

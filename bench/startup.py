@@ -10,12 +10,14 @@ import logging
 import operator
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bench.context import Context
 from bench.docker_exec import ExecProcess
 from bench.report import Section, at_most
 from bench.stats import Sample
+from bench.tunnels import container_address
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +142,17 @@ class DaskSSHCluster:
             self.cluster = None
 
 
+def worker_argv(scheduler: str) -> list[str]:
+    return [
+        REMOTE_PYTHON, "-m", "distributed.cli.dask_worker", scheduler,
+        "--no-nanny", "--nthreads", "1", "--no-dashboard",
+    ]
+
+
 def floor_start(host: Any) -> float:
     """Seconds from `docker exec` of one dask worker until it logs its registration."""
-    worker = None
     started = time.perf_counter()
-    worker = ExecProcess(
-        host,
-        [
-            REMOTE_PYTHON, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{FLOOR_SCHEDULER_PORT}",
-            "--no-nanny", "--nthreads", "1", "--listen-address", "tcp://127.0.0.1:0", "--no-dashboard",
-        ],
-    )
+    worker = ExecProcess(host, [*worker_argv(f"tcp://127.0.0.1:{FLOOR_SCHEDULER_PORT}"), "--listen-address", "tcp://127.0.0.1:0"])
     try:
         seen = worker.wait_for("Registered to", REGISTER_TIMEOUT)
         return seen - started
@@ -158,20 +160,40 @@ def floor_start(host: Any) -> float:
         worker.stop()
 
 
+def layout_floor_start(hosts: list[Any], per_host: int, scheduler: str) -> float:
+    """Seconds until `per_host` workers on every host, started by docker exec at once, are registered."""
+    placement = [host for host in hosts for _ in range(per_host)]
+    with ThreadPoolExecutor(len(placement)) as pool:
+        started = time.perf_counter()
+        workers = list(pool.map(lambda host: ExecProcess(host, worker_argv(scheduler)), placement))
+        try:
+            seen = list(pool.map(lambda worker: worker.wait_for("Registered to", REGISTER_TIMEOUT), workers))
+            return max(seen) - started
+        finally:
+            list(pool.map(lambda worker: worker.stop(), workers))
+
+
 def measure_floor(context: Context, section: Section) -> None:
-    host = context.hosts[0]
+    hosts = list(context.hosts)
+    # The scheduler listens on every interface of its container, so workers in
+    # the other containers reach it over the Docker bridge.
     scheduler = ExecProcess(
-        host,
+        hosts[0],
         [
-            REMOTE_PYTHON, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+            REMOTE_PYTHON, "-m", "distributed.cli.dask_scheduler", "--host", "0.0.0.0",
             "--port", str(FLOOR_SCHEDULER_PORT), "--no-dashboard",
         ],
     )
     try:
         scheduler.wait_for("Scheduler at", REGISTER_TIMEOUT)
-        floor_start(host)  # warm the page cache for the worker's imports
+        floor_start(hosts[0])  # warm the page cache for the worker's imports
         runs = context.runs(5)
-        section.add("floor", "Floor: one `dask worker` by docker exec until registered", Sample(tuple(floor_start(host) for _ in range(runs))))
+        section.add("floor", "Floor: one `dask worker` by docker exec until registered", Sample(tuple(floor_start(hosts[0]) for _ in range(runs))))
+
+        address = f"tcp://{container_address(hosts[0])}:{FLOOR_SCHEDULER_PORT}"
+        for host_count, per_host in LAYOUTS:
+            seconds = tuple(layout_floor_start(hosts[:host_count], per_host, address) for _ in range(context.runs(3)))
+            section.add(f"floor-{host_count}x{per_host}", f"Floor: {host_count} hosts × {per_host} workers by docker exec at once", Sample(seconds))
     finally:
         scheduler.stop()
 
@@ -215,9 +237,11 @@ def measure(context: Context, section: Section) -> None:
     section.add("map-ours", f"map of {MAP_TASKS:,} tasks + sum, 3 × 2: lazycluster", map_seconds[ours.name])
     section.add("map-ssh", f"map of {MAP_TASKS:,} tasks + sum, 3 × 2: Dask SSHCluster", map_seconds[theirs.name])
 
-    section.ratio("Start-up 3 × 2: lazycluster / floor", "ours-3x2", "floor")
+    section.ratio("Start-up 3 × 2: lazycluster / floor (one worker)", "ours-3x2", "floor")
+    section.ratio("Start-up 3 × 2: lazycluster / floor (3 × 2 by docker exec)", "ours-3x2", "floor-3x2")
     section.ratio("Start-up 3 × 2: lazycluster / SSHCluster", "ours-3x2", "ssh-3x2", at_most(0.8))
-    section.ratio("Start-up 3 × 8: lazycluster / floor", "ours-3x8", "floor")
+    section.ratio("Start-up 3 × 8: lazycluster / floor (one worker)", "ours-3x8", "floor")
+    section.ratio("Start-up 3 × 8: lazycluster / floor (3 × 8 by docker exec)", "ours-3x8", "floor-3x8")
     section.ratio("Start-up 3 × 8: lazycluster / SSHCluster", "ours-3x8", "ssh-3x8", at_most(0.8))
     section.ratio("map + sum: lazycluster / SSHCluster", "map-ours", "map-ssh", at_most(1.1))
     section.note(
@@ -228,7 +252,10 @@ def measure(context: Context, section: Section) -> None:
         "the containers' bridge addresses directly and opens a new SSH connection per process; its "
         "figure counts from the SSHCluster call until wait_for_workers() returns. The floor is one "
         "worker process started by docker exec against a scheduler already running in the same "
-        "container, until it logs its registration: no SSH, no tunnel, no process manager."
+        "container, until it logs its registration: no SSH, no tunnel, no process manager. The "
+        "3 × 2 and 3 × 8 floors start that many such workers by docker exec at once, against one "
+        "scheduler in the first container reached over the Docker bridge, until the last one is "
+        "registered. On 2 cores they show how much of a start-up is the workers' own Python start."
     )
     section.note(
         "The map runs on the 3 × 2 cluster of the last start-up run, after one untimed warm-up map; "
