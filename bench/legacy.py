@@ -153,5 +153,5 @@ def measure(context: Context, section: Section) -> None:
         "tunnel is its own process. Its scheduler listens on every interface of the manager and its "
         "workers on every interface of their host, and the scheduler reaches the workers at their "
         "container addresses directly, so not all of its traffic crosses SSH. Its start() returns "
-        "before the workers are registered, so both points are shown. Few runs: each takes about 40 s."
+        "before the workers are registered, so both points are shown. Few runs: each takes 20 to 40 s."
     )
