@@ -1,4 +1,4 @@
-"""What every measurement module gets: the Docker hosts, the run's scale and its Report section."""
+"""Inputs of every measurement module: the Docker hosts, the run's scale and a scratch folder."""
 
 from __future__ import annotations
 

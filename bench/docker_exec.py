@@ -54,7 +54,7 @@ class ExecProcess:
         raise RuntimeError(f"host {self.host.alias}: no line with {text!r} within {timeout:g} s:\n" + "\n".join(lines[-20:]))
 
     def _start_drain(self) -> None:
-        # Keep reading so that a full pipe never blocks the process.
+        # Reading on keeps a full pipe from blocking the process.
         def drain() -> None:
             for _chunk in self._chunks:
                 pass

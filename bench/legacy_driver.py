@@ -23,7 +23,7 @@ def main(hosts):
     from lazycluster import RuntimeGroup
     from lazycluster.cluster.dask_cluster import DaskCluster
 
-    seconds = {}
+    seconds: dict = {}
     started = time.perf_counter()
     group = RuntimeGroup(hosts=hosts)
     seconds["group"] = time.perf_counter() - started

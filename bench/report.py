@@ -138,7 +138,9 @@ class Report:
             for ratio in section.ratios:
                 value = self.ratio_value(ratio)
                 shown = "n/a" if value is None else f"{value:.3g}"
-                met = "" if value is None or ratio.passes is None else ("yes" if ratio.passes(value) else "**no**")
+                met = ""
+                if value is not None and ratio.passes is not None:
+                    met = "yes" if ratio.passes(value) else "**no**"
                 lines.append(f"| {ratio.label} | {shown} | {ratio.target} | {met} |")
         return lines
 

@@ -28,6 +28,8 @@ LAYOUTS = ((3, 2), (3, 8))
 MAP_TASKS = 1_000
 FLOOR_SCHEDULER_PORT = 8801
 REGISTER_TIMEOUT = 120.0
+# A failed start is retried up to this many attempts in all, and counted on the page.
+MAX_ATTEMPTS = 3
 
 # The image's python3 on PATH, as the library and SSHCluster both use it.
 REMOTE_PYTHON = "python3"
@@ -198,13 +200,29 @@ def measure_floor(context: Context, section: Section) -> None:
         scheduler.stop()
 
 
-def alternate(context: Context, systems: list[Any], workers: int, runs: int, after_last: Callable[[Any], None] | None) -> dict[str, list[float]]:
+def start_with_retries(system: Any, workers: int, failures: list[str]) -> float:
+    """Start `system`, retrying after a failed start; each failure is appended to `failures`."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            return float(system.start(workers))
+        except Exception as error:  # noqa: BLE001 - counted on the page, then retried
+            failures.append(f"{system.name}, {workers} workers: {type(error).__name__}: {error}")
+            log.warning("%s with %d workers failed to start (attempt %d): %s", system.name, workers, attempt, error)
+            system.stop()
+            if attempt == MAX_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def alternate(
+    systems: list[Any], workers: int, runs: int, after_last: Callable[[Any], None] | None, failures: list[str]
+) -> dict[str, list[float]]:
     """Start and stop each system `runs` times, alternating; call `after_last` before the last stop."""
     seconds: dict[str, list[float]] = {system.name: [] for system in systems}
     for run in range(runs):
         for system in systems:
             try:
-                seconds[system.name].append(system.start(workers))
+                seconds[system.name].append(start_with_retries(system, workers, failures))
                 log.info("%s with %d workers started in %.2f s", system.name, workers, seconds[system.name][-1])
                 if after_last is not None and run == runs - 1:
                     after_last(system)
@@ -225,11 +243,12 @@ def measure(context: Context, section: Section) -> None:
         map_seconds[system.name] = Sample(tuple(map_and_sum(client) for _ in range(context.runs(5))))
 
     # One untimed start of each, so both run with warm caches on the hosts.
-    alternate(context, [ours, theirs], 2 * len(context.hosts), 1, None)
+    failures: list[str] = []
+    alternate([ours, theirs], 2 * len(context.hosts), 1, None, failures)
     for host_count, per_host in LAYOUTS:
         workers = host_count * per_host
         runs = context.runs(5 if per_host == 2 else 3)
-        seconds = alternate(context, [ours, theirs], workers, runs, run_map if per_host == 2 else None)
+        seconds = alternate([ours, theirs], workers, runs, run_map if per_host == 2 else None, failures)
         tag = f"{host_count}x{per_host}"
         section.add(f"ours-{tag}", f"Start-up {host_count} hosts × {per_host} workers: lazycluster", Sample(tuple(seconds[ours.name])))
         section.add(f"ssh-{tag}", f"Start-up {host_count} hosts × {per_host} workers: Dask SSHCluster", Sample(tuple(seconds[theirs.name])))
@@ -244,6 +263,11 @@ def measure(context: Context, section: Section) -> None:
     section.ratio("Start-up 3 × 8: lazycluster / floor (3 × 8 by docker exec)", "ours-3x8", "floor-3x8")
     section.ratio("Start-up 3 × 8: lazycluster / SSHCluster", "ours-3x8", "ssh-3x8", at_most(0.8))
     section.ratio("map + sum: lazycluster / SSHCluster", "map-ours", "map-ssh", at_most(1.1))
+    if failures:
+        section.note(
+            f"{len(failures)} start(s) failed in this run and were retried; their time is not in the "
+            "figures. " + " ".join(f"Failure: {failure.strip()[:300]}" for failure in failures)
+        )
     section.note(
         "Start-up of lazycluster counts from a new RuntimeGroup (SSH connections and the host probe) "
         "to the return of DaskCluster.start(), which waits until every worker is registered; its "
