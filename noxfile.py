@@ -21,7 +21,7 @@ nox.options.error_on_missing_interpreters = True
 
 SOURCE_DIRS = ["lazycluster", "sim", "containers", "tests", "noxfile.py"]
 
-# Pinned so that a new release of a checker cannot fail CI on unchanged code.
+# Pinned, so that CI results on unchanged code do not depend on checker releases.
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 

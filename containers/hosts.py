@@ -41,7 +41,7 @@ READY_TIMEOUT = 60.0
 LOGIN_TIMEOUT = 10.0
 LOGIN_RETRY_INTERVAL = 0.2
 # How long a failed or interrupted start waits for its threads before it
-# removes the containers; a container created later is left to the atexit sweep.
+# removes the containers. A container created later is left to the atexit sweep.
 ABORT_WAIT_TIMEOUT = 30.0
 HOST_KEY_FILES = "/etc/ssh/ssh_host_*_key.pub"
 
