@@ -138,20 +138,21 @@ def measure(context: Context, section: Section) -> None:
     section.ratio("Start-up 3 × 2: lazycluster / lazycluster 0.2.4", "ours-3x2", "legacy-3x2")
     section.ratio("Port search 200 × 3: get_free_port / 0.2.4", "ports-group", "legacy-port-200")
     section.note(
-        "0.2.4 runs only after changes to the hosts and the manager, listed in bench/legacy.py: "
-        "wheels for its `pip install` calls copied into each container with pip pointed at them "
-        "(the hosts have no package index), shims for the `dask-scheduler`/`dask-worker` scripts "
-        "that distributed 2026.6 removed, a `python` symlink for its port check, a WORKSPACE_VERSION "
-        "variable for its host probe, and HOME pointed at a folder with the generated SSH config for "
-        "fabric. Its ports are given (scheduler 46999, workers 47000-47199) because its defaults were taken "
+        "0.2.4 runs only after changes to the hosts and the manager, listed in bench/legacy.py. "
+        "The hosts have no package index, so the wheels for its `pip install` calls are copied into "
+        "each container and pip is pointed at them. Shims replace the `dask-scheduler` and "
+        "`dask-worker` scripts that distributed 2026.6 removed. A `python` symlink serves its port "
+        "check, and a WORKSPACE_VERSION variable its host probe. HOME points at a folder with the "
+        "generated SSH config, which fabric reads. Its ports are given (scheduler 46999, workers 47000-47199) because its defaults were taken "
         "on the manager by other clusters and it checks worker ports on the hosts only."
     )
     section.note(
         "What 0.2.4 installs on the hosts is installed once before timing, so its start-up figure is "
-        "that of a second start: each worker still runs `pip install dask[complete]` (already "
-        "satisfied), one port check opens a new SSH connection and starts Python per host, and each "
-        "tunnel is its own process. Its scheduler listens on every interface of the manager and its "
-        "workers on every interface of their host, and the scheduler reaches the workers at their "
-        "container addresses directly, so not all of its traffic crosses SSH. Its start() returns "
+        "that of a second start. Each worker still runs `pip install dask[complete]` (already "
+        "satisfied), each port check opens a new SSH connection and starts Python on every host, and "
+        "each tunnel is its own process. Its scheduler listens on every interface of the manager and "
+        "its workers on every interface of their host. The workers advertise their container "
+        "addresses, so the scheduler can reach them over the Docker bridge and not all of its "
+        "traffic crosses SSH. Its start() returns "
         "before the workers are registered, so both points are shown. Few runs: each takes 20 to 40 s."
     )

@@ -270,10 +270,10 @@ def measure(context: Context, section: Section) -> None:
         )
     section.note(
         "Start-up of lazycluster counts from a new RuntimeGroup (SSH connections and the host probe) "
-        "to the return of DaskCluster.start(), which waits until every worker is registered; its "
-        "scheduler runs on the manager and all traffic goes through SSH tunnels. SSHCluster runs its "
-        "scheduler on the first host and its workers under a Nanny (one more process each), talks to "
-        "the containers' bridge addresses directly and opens a new SSH connection per process; its "
+        "to the return of DaskCluster.start(), which waits until every worker is registered. Its "
+        "scheduler runs on the manager, and all traffic goes through SSH tunnels. SSHCluster runs its "
+        "scheduler on the first host and its workers under a Nanny (one more process each). It talks "
+        "to the containers' bridge addresses directly and opens a new SSH connection per process. Its "
         "figure counts from the SSHCluster call until wait_for_workers() returns. The floor is one "
         "worker process started by docker exec against a scheduler already running in the same "
         "container, until it logs its registration: no SSH, no tunnel, no process manager. The "
@@ -291,7 +291,7 @@ def measure(context: Context, section: Section) -> None:
     )
     section.note(
         "lazycluster starts the scheduler on the manager and only then the workers. In one run "
-        "profiled with INFO logs at 3 × 2, its own steps took about 0.3 s (connections and host "
-        "probe), 0.7 to 1 s (scheduler start on the manager) and 0.5 s (version check, worker "
-        "processes and tunnels) before the workers' Python start, which the registration wait covers."
+        "profiled with INFO logs at 3 × 2, connections and host probe took about 0.3 s, the "
+        "scheduler start on the manager 0.7 to 1 s, and the version check, worker processes and "
+        "tunnels 0.5 s. The workers' own Python start comes after these steps, in the registration wait."
     )
