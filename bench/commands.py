@@ -139,7 +139,7 @@ def measure(context: Context, section: Section) -> None:
         "`run(\"true\")` reuses the Runtime's open paramiko connection: one exec channel per call. "
         "`ssh host true` pays a TCP connect, key exchange and public-key login each time (no "
         "ControlMaster). Both talk to 127.0.0.1 ports published by Docker, so the network adds "
-        "almost nothing; on a real network each grows by the round-trip time, `run` by about one and `ssh` by several."
+        "almost nothing; on a real network `run` costs about one more round-trip time and `ssh` several."
     )
     section.note(
         "The `run_function` round trip pickles the function with cloudpickle, starts `python3` on "
