@@ -9,10 +9,10 @@ simulated run is deterministic.
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 

@@ -44,13 +44,29 @@ DEFAULT_PROBE_TIMEOUT = 60.0
 _live_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
 
-@atexit.register
+_exit_handler_registered = False
+
+
 def _cleanup_live_runtimes() -> None:
     for runtime in list(_live_runtimes):
         try:
             runtime.cleanup()
         except Exception:
             logger.warning("Cleanup at exit failed for host %s", runtime.host, exc_info=True)
+
+
+def _track_live_runtime(runtime: Runtime) -> None:
+    """Remember `runtime` for the exit handler, registering that handler once.
+
+    The handler is registered after the first transport connected, because
+    exit handlers run in reverse order: paramiko registers its own on import
+    and closes every connection there, so ours must come later to run first.
+    """
+    global _exit_handler_registered
+    if not _exit_handler_registered:
+        atexit.register(_cleanup_live_runtimes)
+        _exit_handler_registered = True
+    _live_runtimes.add(runtime)
 
 
 class Runtime(RuntimeTasksMixin):
@@ -103,7 +119,7 @@ class Runtime(RuntimeTasksMixin):
             self._close_transport()
             raise
 
-        _live_runtimes.add(self)
+        _track_live_runtime(self)
         logger.info("Runtime %s ready (python %s)", self._host, self._info["python_version"])
 
     # --- connection ------------------------------------------------------------
@@ -154,7 +170,7 @@ class Runtime(RuntimeTasksMixin):
                 logger.info("Reconnecting to host %s after cleanup", self._host)
                 self._transport = self._connect()
             self._closed = False
-            _live_runtimes.add(self)
+            _track_live_runtime(self)
         return self._transport
 
     def _run(self, command: Sequence[str], timeout: float | None = None) -> Any:
