@@ -44,7 +44,13 @@ def validate_port_list(ports: Any, name: str = "ports") -> list[int]:
     """Return `ports` as a list of valid port numbers, or raise TypeError/ValueError."""
     if isinstance(ports, (str, bytes)) or not isinstance(ports, Iterable):
         raise TypeError(f"Invalid {name} {ports!r}: expected a list of port numbers.")
-    return [validate_port(port, f"port in {name}") for port in ports]
+    checked = [validate_port(port, f"port in {name}") for port in ports]
+    duplicates = sorted({port for port in checked if checked.count(port) > 1})
+    if duplicates:
+        raise ValueError(
+            f"Invalid {name}: ports {duplicates} appear more than once. Pass each port once."
+        )
+    return checked
 
 
 def find_busy_ports(
