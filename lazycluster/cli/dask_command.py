@@ -123,6 +123,10 @@ def _wait_until_stopped(launcher: Any) -> None:
             )
 
 
+# The shell's exit code for a command ended by SIGINT (128 + 2).
+INTERRUPTED_EXIT_CODE = 130
+
+
 def run_dask(args: argparse.Namespace) -> int:
     """Start the cluster, print its addresses and keep it up until Ctrl-C, SIGTERM or SIGHUP."""
     from lazycluster.cluster.dask_cluster import DaskCluster, LocalMasterLauncher
@@ -132,6 +136,7 @@ def run_dask(args: argparse.Namespace) -> int:
 
     manager = None
     cluster = None
+    is_up = False
     with _signals_as_interrupt():
         try:
             manager = _create_manager(args.timeout)
@@ -145,6 +150,7 @@ def run_dask(args: argparse.Namespace) -> int:
             print(f"Dashboard: {cluster.dashboard_link or 'not available (install bokeh)'}", flush=True)
             logger.info("Cluster up on hosts %s at %s", ", ".join(group.hosts), cluster.scheduler_address)
             progress("Cluster is up. Press Ctrl-C to stop it.")
+            is_up = True
             _wait_until_stopped(launcher)
         except KeyboardInterrupt as interrupt:
             logger.info("Interrupted by %s, stopping the cluster", str(interrupt) or "SIGINT")
@@ -153,7 +159,10 @@ def run_dask(args: argparse.Namespace) -> int:
             with _interrupts_deferred():
                 _cleanup(cluster, manager)
     progress("Cluster stopped.")
-    return 0
+
+    # A stop signal is the normal end of a running cluster, but one that came
+    # during the start interrupted it, so exit like an interrupted command.
+    return 0 if is_up else INTERRUPTED_EXIT_CODE
 
 
 def _cleanup(cluster: Any, manager: Any) -> None:

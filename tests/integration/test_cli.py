@@ -317,7 +317,7 @@ def test_dask_sigint_during_start(ssh_hosts: Any, dask_run: list[CliProcess], pr
     run.wait_for_line("stderr", progress_line, START_TIMEOUT)
     exit_code = run.stop(signal.SIGINT, STOP_TIMEOUT)
 
-    assert exit_code == 0, run.stderr
+    assert exit_code == 130, run.stderr
     assert "Scheduler:" not in "\n".join(run.stdout)
     assert "Traceback" not in "\n".join(run.stderr)
 
