@@ -147,3 +147,8 @@ def test_plan_worker_tunnels_count_matches_mesh_cost() -> None:
     workers = 10
     assert sum(len(p.local_pairs) for p in plan.values()) == workers
     assert sum(len(p.remote_pairs) for p in plan.values()) == workers * (len(hosts) - 1)
+
+
+def test_validate_port_list_rejects_duplicates() -> None:
+    with pytest.raises(ValueError, match=r"\[8786\] appear more than once"):
+        validate_port_list([8786, 60001, 8786])
