@@ -17,6 +17,8 @@ import posixpath
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ from lazycluster.cluster.dask_commands import (
 from lazycluster.cluster.exceptions import MasterStartError
 from lazycluster.cluster.ports import (
     find_busy_ports,
+    find_taken_ports,
     pick_free_ports,
     remote_transports,
     require_free_port,
@@ -47,7 +50,7 @@ from lazycluster.cluster.runtime_cluster import (
     check_worker_count,
 )
 from lazycluster.cluster.versions import check_distributed_versions
-from lazycluster.exceptions import LazyclusterError, PortInUseError
+from lazycluster.exceptions import LazyclusterError, NoPortsLeftError, PortInUseError
 from lazycluster.transport import ProcessHandle, Transport, validate_port
 
 if TYPE_CHECKING:
@@ -66,6 +69,26 @@ MAX_BIND_ATTEMPTS = 3
 
 # The scheduler of distributed 2026.8 serves its dashboard only with bokeh.
 DASHBOARD_MODULE = "bokeh"
+
+# Ports one worker tries, each found taken between the port check and the
+# bind, before the start gives up with NoPortsLeftError.
+MAX_PORT_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class PlacedWorker:
+    """A worker to start: its index, runtime and port, the ports it tried so far and its host's share."""
+
+    index: int
+    runtime: Any
+    port: int
+    tried: tuple[int, ...]
+    # Workers on the runtime's host, which share its CPU cores.
+    workers_on_host: int
+
+    def on_port(self, port: int) -> PlacedWorker:
+        """Return this worker moved to `port`."""
+        return replace(self, port=port, tried=(*self.tried, port))
 
 
 def validate_timeout(timeout: Any, name: str = "timeout") -> float:
@@ -261,6 +284,8 @@ class RoundRobinLauncher(WorkerLauncher):
         self._next_index = 0
         self._version_checked_hosts: set[str] = set()
         self._start_lock = threading.Lock()
+        # The ports each worker index has tried, for the bound of MAX_PORT_ATTEMPTS.
+        self._tried_ports: dict[int, tuple[int, ...]] = {}
 
     # The documented public signature has no `debug` argument, and
     # MasterWorkerCluster never passes one.
@@ -271,7 +296,9 @@ class RoundRobinLauncher(WorkerLauncher):
 
         Checks the hosts' `distributed` version first (VersionMismatchError).
         Raises NoPortsLeftError, before starting anything, when too few ports
-        are free. Returns the list after the last port used.
+        are free. A worker whose port is taken before its tunnels open moves
+        to the next free port, up to MAX_PORT_ATTEMPTS ports per worker.
+        Returns the list after the last port used.
         """
         check_worker_count(worker_count)
         master_port = validate_port(master_port, "master_port")
@@ -290,13 +317,17 @@ class RoundRobinLauncher(WorkerLauncher):
             chosen, remaining = pick_free_ports(
                 candidates, worker_count, busy, exclude=[master_port]
             )
+            indexes = range(self._next_index, self._next_index + len(chosen))
+            runtime_of = {index: self.choose_runtime(index, runtimes) for index in indexes}
+            per_host = Counter(runtime.host for runtime in runtime_of.values())
             placement = [
-                (index, self.choose_runtime(index, runtimes), port)
-                for index, port in enumerate(chosen, start=self._next_index)
+                PlacedWorker(
+                    index, runtime_of[index], port, (port,), per_host[runtime_of[index].host]
+                )
+                for index, port in zip(indexes, chosen, strict=True)
             ]
             self._next_index += len(chosen)
-            self._start_placed(manager, master_port, placement)
-        return remaining
+            return self._start_placed(manager, master_port, placement, remaining)
 
     def choose_runtime(self, index: int, runtimes: list[Any]) -> Any:
         """Return the runtime for worker `index`: runtime index mod N.
@@ -305,24 +336,74 @@ class RoundRobinLauncher(WorkerLauncher):
         """
         return runtimes[index % len(runtimes)]
 
-    def _start_placed(self, manager: Transport, master_port: int, placement: list[Any]) -> None:
-        """Start the placed workers in parallel and open their tunnels; undo all on failure."""
+    def restart_on_new_ports(
+        self, workers: Sequence[WorkerProcess], master_port: int, ports: list[int]
+    ) -> tuple[list[WorkerProcess], list[int]]:
+        """Start exited `workers` again, each on the next free port of `ports`, on the same host.
+
+        For workers whose port another program took between the port check and
+        the worker's bind. Returns the new workers and the list after the last
+        port used. Raises NoPortsLeftError when a worker has tried
+        MAX_PORT_ATTEMPTS ports or `ports` has too few free ones.
+        """
+        master_port = validate_port(master_port, "master_port")
+        candidates = validate_port_list(ports)
+        with self._start_lock:
+            manager = self.manager
+            runtime_of = {runtime.host: runtime for runtime in self._group.runtimes}
+            self._discard(workers, [])
+            self._close_worker_tunnels({worker.port for worker in workers})
+
+            hosts = Counter(worker.host for worker in self._workers)
+            hosts.update(worker.host for worker in workers)
+            placement = [
+                PlacedWorker(
+                    worker.index,
+                    runtime_of[worker.host],
+                    worker.port,
+                    self._tried_ports.get(worker.index, (worker.port,)),
+                    hosts[worker.host],
+                )
+                for worker in workers
+            ]
+            placement, remaining = self._move_to_free_ports(
+                manager, master_port, placement, placement, candidates, "its process exited"
+            )
+            remaining = self._start_placed(manager, master_port, placement, remaining)
+            moved = {placed.index for placed in placement}
+        return [worker for worker in self.workers if worker.index in moved], remaining
+
+    def cleanup(self) -> None:
+        """Stop every worker and close every worker tunnel. Calling it twice is harmless."""
+        super().cleanup()
+        self._tried_ports.clear()
+
+    def _start_placed(
+        self,
+        manager: Transport,
+        master_port: int,
+        placement: list[PlacedWorker],
+        remaining: list[int],
+    ) -> list[int]:
+        """Open the placed workers' tunnels, then start the workers in parallel; undo all on failure.
+
+        The tunnels come first so that they hold each worker port on every
+        machine but the worker's own before any worker opens connections, whose
+        local ports the system picks from a range that may contain worker
+        ports. Returns the list after the last port used.
+        """
         workers_before, tunnels_before = list(self._workers), list(self._tunnels)
-        per_host = Counter(runtime.host for _, runtime, _ in placement)
         try:
             # A Runtime creates its temporary working directory on first use; doing
             # that once per runtime here keeps parallel worker starts from racing.
-            runtimes = list({runtime.host: runtime for _, runtime, _ in placement}.values())
+            runtimes = list({placed.runtime.host: placed.runtime for placed in placement}.values())
             manager.clock.map(lambda runtime: runtime.working_dir, runtimes)
 
-            manager.clock.map(
-                lambda item: self._start_worker(
-                    item[0], item[1], item[2], master_port, per_host[item[1].host]
-                ),
-                placement,
-            )
+            placement, remaining = self._open_mesh(manager, master_port, placement, remaining)
+            manager.clock.map(lambda placed: self._start_worker(placed, master_port), placement)
             self._rebuild_ports_per_host()
-            self.setup_worker_ssh_tunnels()
+            for placed in placement:
+                self._tried_ports[placed.index] = placed.tried
         except BaseException:
             known_workers = {id(worker) for worker in workers_before}
             known_tunnels = {id(tunnel) for tunnel in tunnels_before}
@@ -331,10 +412,85 @@ class RoundRobinLauncher(WorkerLauncher):
                 [tunnel for tunnel in self._tunnels if id(tunnel) not in known_tunnels],
             )
             raise
+        return remaining
 
-    def _start_worker(
-        self, index: int, runtime: Any, port: int, master_port: int, workers_on_host: int
-    ) -> None:
+    def _open_mesh(
+        self,
+        manager: Transport,
+        master_port: int,
+        placement: list[PlacedWorker],
+        remaining: list[int],
+    ) -> tuple[list[PlacedWorker], list[int]]:
+        """Open every forward of the placed workers, moving workers whose port was taken meanwhile.
+
+        Returns the placement with the ports finally used and the list after
+        the last of them.
+        """
+        transports = {transport.host: transport for transport in remote_transports(self._group)}
+        while True:
+            ports_by_host = self.ports_per_host
+            for placed in placement:
+                ports_by_host.setdefault(placed.runtime.host, []).append(placed.port)
+            rejected = self._open_worker_tunnels(ports_by_host)
+            if not rejected:
+                return placement, remaining
+
+            taken = find_taken_ports(rejected, manager, transports)
+            moving = [placed for placed in placement if placed.port in taken]
+            if not moving:
+                raise rejected[0].error
+            self._close_worker_tunnels({placed.port for placed in moving})
+            placement, remaining = self._move_to_free_ports(
+                manager, master_port, placement, moving, remaining, "a forward was rejected"
+            )
+
+    def _move_to_free_ports(
+        self,
+        manager: Transport,
+        master_port: int,
+        placement: list[PlacedWorker],
+        moving: list[PlacedWorker],
+        candidates: list[int],
+        reason: str,
+    ) -> tuple[list[PlacedWorker], list[int]]:
+        """Give each worker of `moving` the next port of `candidates` that is free everywhere.
+
+        Checks `candidates` with one ports_in_use call per machine. Returns the
+        new placement and the candidates after the last port chosen.
+        """
+        for placed in moving:
+            if len(placed.tried) >= MAX_PORT_ATTEMPTS:
+                raise NoPortsLeftError(
+                    f"Failed to start worker {placed.index} on host {placed.runtime.host!r}: "
+                    f"another program took each of its ports {list(placed.tried)} between the "
+                    "port check and the bind. Pass ports outside the ephemeral port range "
+                    "(/proc/sys/net/ipv4/ip_local_port_range on Linux) or free these ports."
+                )
+
+        in_use = {master_port, *(worker.port for worker in self._workers)}
+        in_use.update(placed.port for placed in placement)
+        busy = find_busy_ports([manager, *remote_transports(self._group)], candidates)
+        ports, remaining = pick_free_ports(candidates, len(moving), busy, exclude=in_use)
+
+        new_port = {placed.index: port for placed, port in zip(moving, ports, strict=True)}
+        for placed in moving:
+            logger.info(
+                "Port %d of worker %d on host %s was taken (%s); retrying on port %d",
+                placed.port,
+                placed.index,
+                placed.runtime.host,
+                reason,
+                new_port[placed.index],
+            )
+        moved = [
+            placed.on_port(new_port[placed.index]) if placed.index in new_port else placed
+            for placed in placement
+        ]
+        return moved, remaining
+
+    def _start_worker(self, placed: PlacedWorker, master_port: int) -> None:
+        index, runtime, port = placed.index, placed.runtime, placed.port
+        workers_on_host = placed.workers_on_host
         transport = runtime.transport
         python = sys.executable if transport.is_local else PYTHON_ON_HOST
         name = f"{runtime.host}-worker-{index}"
@@ -415,9 +571,11 @@ class DaskCluster(MasterWorkerCluster):
     def start_workers(self, count: int | None = None, debug: bool = False) -> None:
         """Start `count` workers (default: one per runtime) and wait until all have registered.
 
-        Workers that exit or do not register within `worker_start_timeout`
-        seconds raise WorkerStartError naming host, port and log tail; then all
-        workers are stopped.
+        A worker that exits because another program took its port starts
+        again on the next free port of the list, within the same timeout and
+        up to MAX_PORT_ATTEMPTS ports. Workers that exit otherwise, or do not
+        register within `worker_start_timeout` seconds, raise WorkerStartError
+        naming host, port and log tail; then all workers are stopped.
         """
         timeout = validate_timeout(self.worker_start_timeout, "worker_start_timeout")
         workers_before = self._worker_launcher.workers
@@ -429,7 +587,9 @@ class DaskCluster(MasterWorkerCluster):
             clock = self._master_launcher.manager.clock
             started_at = clock.monotonic()
             try:
-                wait_for_registration(scheduler, self.master_port, new_workers, timeout, clock)
+                wait_for_registration(
+                    scheduler, self.master_port, new_workers, timeout, clock, self._restarter()
+                )
             except BaseException:
                 self._worker_launcher.cleanup()
                 raise
@@ -440,6 +600,22 @@ class DaskCluster(MasterWorkerCluster):
             )
         if debug:
             self.print_log()
+
+    def _restarter(self) -> Callable[[list[WorkerProcess]], list[WorkerProcess]] | None:
+        """Return how to restart workers whose port was taken, or None when the launcher cannot."""
+        launcher = self._worker_launcher
+        if not isinstance(launcher, RoundRobinLauncher):
+            return None
+        master_port = self.master_port
+        assert master_port is not None
+
+        def restart(workers: list[WorkerProcess]) -> list[WorkerProcess]:
+            restarted, self._ports = launcher.restart_on_new_ports(
+                workers, master_port, self._ports
+            )
+            return restarted
+
+        return restart
 
     def get_client(self, timeout: int = 2) -> Client:
         """Return a `distributed.Client` connected to the scheduler.

@@ -16,6 +16,7 @@ from lazycluster.exceptions import NoPortsLeftError, PortInUseError
 from lazycluster.transport import Transport, get_backend, validate_port
 
 if TYPE_CHECKING:
+    from lazycluster.cluster.tunnel_mesh import RejectedBatch
     from lazycluster.runtime_mgmt import RuntimeGroup
 
 logger = logging.getLogger(__name__)
@@ -110,3 +111,34 @@ def pick_free_ports(
         f"runtime and on the manager, but {count} are needed. Pass a longer port list or "
         "free some of its ports."
     )
+
+
+def find_taken_ports(
+    rejected: Sequence[RejectedBatch], manager: Transport, transports: Mapping[str, Transport]
+) -> set[int]:
+    """Return the ports of rejected forward batches that something else now uses.
+
+    Asks each machine where a rejected batch listens once, all in parallel. The
+    batches' tunnels are closed after a failure and their ports are new worker
+    ports, so a port in use there belongs to another program. The port named
+    by a PortInUseError counts as taken even when it is free again by now.
+    """
+    ports_by_machine: dict[str, set[int]] = {}
+    machines: dict[str, Transport] = {}
+    taken: set[int] = set()
+    for batch in rejected:
+        listener = manager if batch.kind == "local" else transports[batch.host]
+        machines[listener.host] = listener
+        ports_by_machine.setdefault(listener.host, set()).update(batch.ports)
+        if isinstance(batch.error, PortInUseError):
+            taken.add(batch.error.port)
+
+    hosts = sorted(machines)
+    results = manager.clock.map(
+        lambda host: machines[host].ports_in_use(sorted(ports_by_machine[host])), hosts
+    )
+    for host, used in zip(hosts, results, strict=True):
+        if used:
+            logger.info("Ports %s were taken on host %s after the port check", sorted(used), host)
+        taken.update(used)
+    return taken

@@ -9,10 +9,10 @@ timeout.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lazycluster.clock import Clock
-from lazycluster.cluster.dask_commands import registered_worker_ports
+from lazycluster.cluster.dask_commands import bind_failed, registered_worker_ports
 from lazycluster.cluster.exceptions import (
     LOG_TAIL_LINES,
     MasterStartError,
@@ -42,10 +42,14 @@ def wait_for_registration(
     workers: Sequence[WorkerProcess],
     timeout: float,
     clock: Clock,
+    restart: Callable[[list[WorkerProcess]], list[WorkerProcess]] | None = None,
 ) -> None:
     """Return once every worker has registered; raise WorkerStartError otherwise.
 
-    Raises MasterStartError when the scheduler exits while waiting.
+    Workers that exit because their port was taken (EADDRINUSE in their log)
+    are passed to `restart`, when given, and the workers it returns are
+    awaited in their place within the same timeout. Raises MasterStartError
+    when the scheduler exits while waiting.
     """
     pending = {worker.port: worker for worker in workers}
     exited: list[tuple[WorkerProcess, int]] = []
@@ -66,13 +70,31 @@ def wait_for_registration(
         if now - last_liveness_check < LIVENESS_CHECK_INTERVAL:
             return False
         last_liveness_check = now
-        codes = clock.map(lambda worker: worker.process.poll(), list(pending.values()))
-        exited.extend(
-            (worker, code)
-            for worker, code in zip(pending.values(), codes, strict=True)
-            if code is not None
-        )
+        checked = list(pending.values())
+        codes = clock.map(lambda worker: worker.process.poll(), checked)
+        stopped = [
+            (worker, code) for worker, code in zip(checked, codes, strict=True) if code is not None
+        ]
+        if restart is not None:
+            stopped = restart_taken(stopped)
+        exited.extend(stopped)
         return bool(exited)
+
+    def restart_taken(stopped: list[tuple[WorkerProcess, int]]) -> list[tuple[WorkerProcess, int]]:
+        """Restart the stopped workers that lost their port; return the other stopped ones."""
+        assert restart is not None
+        # The whole log, because the EADDRINUSE error comes first in a chained
+        # traceback that is longer than the tail.
+        logs = clock.map(lambda item: item[0].process.read_log(), stopped)
+        taken = [worker for (worker, _), log in zip(stopped, logs, strict=True) if bind_failed(log)]
+        if not taken:
+            return stopped
+        for worker in taken:
+            del pending[worker.port]
+        for worker in restart(taken):
+            pending[worker.port] = worker
+        restarted = {id(worker) for worker in taken}
+        return [(worker, code) for worker, code in stopped if id(worker) not in restarted]
 
     clock.wait_until(all_registered_or_failed, timeout)
 

@@ -13,7 +13,7 @@ import atexit
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,8 +23,8 @@ from lazycluster.cluster.ports import (
     validate_port_list,
 )
 from lazycluster.cluster.teardown import close_tunnels, stop_processes
-from lazycluster.cluster.tunnel_mesh import plan_worker_tunnels
-from lazycluster.exceptions import LazyclusterError, PortInUseError
+from lazycluster.cluster.tunnel_mesh import RejectedBatch, plan_worker_tunnels
+from lazycluster.exceptions import LazyclusterError, PortInUseError, TransportError
 from lazycluster.transport import ProcessHandle, Transport, Tunnel, validate_port
 
 if TYPE_CHECKING:
@@ -170,14 +170,30 @@ class WorkerLauncher(_Launcher, ABC):
         Each remote host gets one batch of local and one batch of remote forwards,
         all hosts in parallel. Forwards opened by an earlier call are kept.
         """
+        rejected = self._open_worker_tunnels(self._ports_per_host)
+        if rejected:
+            raise rejected[0].error
+
+    def _open_worker_tunnels(
+        self, ports_per_host: Mapping[str, Iterable[int]]
+    ) -> list[RejectedBatch]:
+        """Open the forwards still missing for the worker ports in `ports_per_host`.
+
+        Each remote host gets one batch per kind, all hosts in parallel. A batch
+        that fails with PortInUseError or a rejected forward (a plain
+        TransportError) is returned instead of raised, because one of its ports
+        may have been taken since the port check. Every other error is raised.
+        """
         transports = {transport.host: transport for transport in remote_transports(self._group)}
         already_open = {(tunnel.host, tunnel.kind, tunnel.listen_port) for tunnel in self._tunnels}
-        plan = plan_worker_tunnels(self._ports_per_host, transports, already_open)
+        plan = plan_worker_tunnels(ports_per_host, transports, already_open)
+        rejected: list[RejectedBatch] = []
         if not plan:
-            return
+            return rejected
 
         def open_on(host: str) -> None:
             transport = transports[host]
+            opened = {"local": 0, "remote": 0}
             for kind, pairs in (
                 ("local", plan[host].local_pairs),
                 ("remote", plan[host].remote_pairs),
@@ -185,17 +201,40 @@ class WorkerLauncher(_Launcher, ABC):
                 if not pairs:
                     continue
                 forward = transport.forward_local if kind == "local" else transport.forward_remote
-                tunnels = forward(pairs)
+                try:
+                    tunnels = forward(pairs)
+                except (PortInUseError, TransportError) as error:
+                    # A lost or refused connection is no port problem.
+                    if isinstance(error, TransportError) and type(error) is not TransportError:
+                        raise
+                    logger.warning(
+                        "Host %s failed to open %d %s worker forward(s): %s",
+                        host,
+                        len(pairs),
+                        kind,
+                        error,
+                    )
+                    with self._lock:
+                        rejected.append(
+                            RejectedBatch(host, kind, tuple(port for port, _ in pairs), error)
+                        )
+                    continue
                 with self._lock:
                     self._tunnels.extend(tunnels)
+                opened[kind] = len(tunnels)
             logger.info(
                 "Opened worker tunnels on host %s: %d local, %d remote",
                 host,
-                len(plan[host].local_pairs),
-                len(plan[host].remote_pairs),
+                opened["local"],
+                opened["remote"],
             )
 
         self.manager.clock.map(open_on, sorted(plan))
+        return rejected
+
+    def _close_worker_tunnels(self, ports: Set[int]) -> None:
+        """Close every worker tunnel that listens on one of `ports`, on any machine."""
+        self._discard([], [tunnel for tunnel in self._tunnels if tunnel.listen_port in ports])
 
     def cleanup(self) -> None:
         """Stop every worker and close every worker tunnel. Calling it twice is harmless."""

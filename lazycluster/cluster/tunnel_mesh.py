@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
+from lazycluster.exceptions import LazyclusterError
+
 
 @dataclass
 class HostTunnels:
@@ -49,3 +51,17 @@ def plan_worker_tunnels(
         if tunnels:
             plan[host] = tunnels
     return plan
+
+
+@dataclass(frozen=True)
+class RejectedBatch:
+    """A batch of forwards that failed because one of its ports may be taken.
+
+    `kind` "local" means the ports listen on the manager (opened through
+    `host`'s connection), "remote" means they listen on `host` itself.
+    """
+
+    host: str
+    kind: str
+    ports: tuple[int, ...]
+    error: LazyclusterError

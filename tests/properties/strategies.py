@@ -48,7 +48,9 @@ def starts(draw: st.DrawFn, bed: Bed, max_taken: int = 6) -> Start:
         )
     )
     workers = draw(st.integers(1, max_workers(bed, hosts)))
-    ports = draw(st.lists(st.sampled_from(LIST_PORTS), min_size=0, max_size=workers + 4))
+    ports = draw(
+        st.lists(st.sampled_from(LIST_PORTS), min_size=0, max_size=workers + 4, unique=True)
+    )
     master_port = draw(st.none() | st.sampled_from(MASTER_PORTS))
     default_master_port = draw(st.sampled_from(MASTER_PORTS))
     scenario = Scenario(hosts=hosts, taken=tuple(taken), seed=draw(seeds))

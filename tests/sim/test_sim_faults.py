@@ -194,14 +194,16 @@ def test_port_race_takes_port_after_check(network):
     assert transport.ports_in_use([7000]) == {7000}
 
 
-def test_port_race_on_worker_port_fails_cluster_start(network):
+def test_port_race_on_worker_port_moves_worker(network):
     network.faults.port_race("h1", 60001)
     with use_backend(network):
         group = RuntimeGroup(hosts=["h1", "h2"])
         cluster = DaskCluster(group)
-        with pytest.raises((WorkerStartError, PortInUseError)):
-            cluster.start()
+        cluster.start()
+        assert 60001 not in [worker.port for worker in cluster.workers]
+        cluster.cleanup()
         group.cleanup()
+    network.release_port("h1", 60001)
     network.assert_clean()
 
 

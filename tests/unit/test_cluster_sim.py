@@ -341,3 +341,135 @@ def test_workers_property_lists_started_workers() -> None:
 
         cluster.cleanup()
         assert cluster.workers == []
+
+
+def listening_on(network: sim.Network, host: str, port: int) -> bool:
+    return port in network.listening_ports(host)
+
+
+def test_port_taken_on_other_host_moves_worker() -> None:
+    network = sim.Network(3, seed=15)
+    # h2 reports PORTS[0] free, then another program takes it before the
+    # forward of worker 0 (on h1) to h2 is opened.
+    network.faults.port_race("h2", PORTS[0])
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS)
+        cluster.start(worker_count=3)
+
+        ports = [worker.port for worker in cluster.workers]
+        assert ports == [PORTS[3], PORTS[1], PORTS[2]]
+        assert [worker.host for worker in cluster.workers] == ["h1", "h2", "h3"]
+        assert cluster.ports == PORTS[4:]
+        assert cluster._worker_launcher.ports_per_host == {
+            "h1": [PORTS[3]],
+            "h2": [PORTS[1]],
+            "h3": [PORTS[2]],
+        }
+        assert worker_ports_listening(network, "h1") == [PORTS[3]]
+        for host in [network.manager.name, "h2", "h3"]:
+            assert listening_on(network, host, PORTS[3]), host
+        assert isinstance(network.listening_ports("h2")[PORTS[0]], sim.ForeignHolder)
+        assert not any(t.listen_port == PORTS[0] for t in network.open_tunnels())
+
+        cluster.cleanup()
+        assert network.open_tunnels() == []
+
+
+def test_port_taken_on_manager_moves_worker() -> None:
+    network = sim.Network(2, seed=16)
+    # The manager's local forward to worker 1 on h2 finds its port taken.
+    network.faults.port_race(network.manager.name, PORTS[1])
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS)
+        cluster.start(worker_count=2)
+
+        assert [worker.port for worker in cluster.workers] == [PORTS[0], PORTS[2]]
+        assert cluster.ports == PORTS[3:]
+        assert worker_ports_listening(network, "h2") == [PORTS[2]]
+        assert listening_on(network, "h1", PORTS[2])
+        cluster.cleanup()
+
+
+def test_port_taken_on_worker_host_restarts_worker() -> None:
+    network = sim.Network(3, seed=17)
+    # No tunnel holds a port on the worker's own host, so the worker's bind
+    # is the first to notice that another program took it.
+    network.faults.port_race("h1", PORTS[0])
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS)
+        cluster.start(worker_count=3)
+
+        assert [worker.port for worker in cluster.workers] == [PORTS[3], PORTS[1], PORTS[2]]
+        assert [worker.index for worker in cluster.workers] == [0, 1, 2]
+        assert cluster.ports == PORTS[4:]
+        assert cluster._worker_launcher.ports_per_host["h1"] == [PORTS[3]]
+        assert worker_ports_listening(network, "h1") == [PORTS[3]]
+        for host in [network.manager.name, "h2", "h3"]:
+            assert listening_on(network, host, PORTS[3]), host
+            assert not listening_on(network, host, PORTS[0]), host
+        exited = [
+            process
+            for process in network.processes("h1", alive=False)
+            if f"127.0.0.1:{PORTS[0]}" in " ".join(process.argv)
+        ]
+        assert len(exited) == 1
+        assert exited[0].exit_code == 1
+
+        cluster.cleanup()
+
+
+def test_worker_gives_up_after_three_taken_ports() -> None:
+    network = sim.Network(2, seed=18)
+    network.set_start_delay("worker", 1.0, host="h1")
+    held: list[int] = []
+    racing = True
+
+    def take_each_h1_worker_port() -> None:
+        # Another program binds every port a starting worker on h1 is about to bind.
+        for process in network.processes("h1"):
+            if "distributed.cli.dask_worker" not in process.argv:
+                continue
+            address = process.argv[process.argv.index("--listen-address") + 1]
+            port = int(address.rsplit(":", 1)[1])
+            if port not in network.listening_ports("h1"):
+                network.hold_port("h1", port)
+                held.append(port)
+        if racing:
+            network.clock.schedule(0.25, take_each_h1_worker_port)
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS)
+        cluster.start_master(40999)
+        network.clock.schedule(0.25, take_each_h1_worker_port)
+
+        with pytest.raises(NoPortsLeftError, match="worker 0 on host 'h1'") as raised:
+            cluster.start_workers(2)
+        racing = False
+
+        assert held == [PORTS[0], PORTS[2], PORTS[3]]
+        assert str(held) in str(raised.value)
+        assert cluster.workers == []
+        assert cluster._worker_launcher.ports_per_host == {}
+        assert [p for p in network.processes() if "dask_worker" in " ".join(p.argv)] == []
+        cluster.cleanup()
+        for port in held:
+            network.release_port("h1", port)
+
+
+def test_moved_worker_without_free_port_raises() -> None:
+    network = sim.Network(2, seed=19)
+    network.faults.port_race("h2", PORTS[0])
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS[:2])
+
+        with pytest.raises(NoPortsLeftError):
+            cluster.start(worker_count=2, master_port=40999)
+
+        assert cluster.master_port is None
+        assert cluster.workers == []
+        assert network.processes() == []
+        assert network.open_tunnels() == []
