@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -65,6 +66,7 @@ FALLBACK_PORTS = BLOCK[50:60]
 SHORT_PORTS = BLOCK[60:63]
 KILLED_MANAGER_MASTER_PORT = BLOCK[63]
 KILLED_MANAGER_PORTS = BLOCK[64:84]
+RACE_PORTS = BLOCK[85:95]
 
 # The temporary directories the library creates on hosts (host_commands.TEMP_DIR_PREFIX).
 TEMP_PATTERN = "lazycluster-*"
@@ -290,6 +292,49 @@ def test_slow_worker_fails_with_host_port_and_log(group: RuntimeGroup, ssh_hosts
     assert raised.value.hosts == [slow.alias]
     assert raised.value.ports == [PORTS[2]]
     assert_manager_ports_free([MASTER_PORT, *PORTS[:3]])
+
+
+def test_worker_port_taken_before_bind_moves_worker(group: RuntimeGroup, ssh_hosts: Any) -> None:
+    racing = ssh_hosts[0]
+    racing.set_slow_start("python3 -m distributed.cli.dask_worker *", 5)
+    cluster = DaskCluster(group, ports=RACE_PORTS)
+    cluster.start_master(MASTER_PORT, timeout=30)
+    errors: list[BaseException] = []
+
+    def start_workers() -> None:
+        try:
+            cluster.start_workers(3)
+        except BaseException as error:
+            errors.append(error)
+
+    starter = threading.Thread(target=start_workers)
+    starter.start()
+    try:
+        # Worker 0 is listed once its tunnels are open and its process runs,
+        # which waits 5 s before it binds: take its port on its host now.
+        deadline = time.monotonic() + 30
+        while not any(w.index == 0 for w in cluster.workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = cluster.workers[0]
+        assert (first.index, first.host, first.port) == (0, racing.alias, RACE_PORTS[0])
+        racing.occupy_port(first.port, "127.0.0.1")
+    finally:
+        starter.join(timeout=120)
+
+    try:
+        assert not starter.is_alive()
+        assert errors == []
+        assert [worker.port for worker in cluster.workers] == [
+            RACE_PORTS[3],
+            RACE_PORTS[1],
+            RACE_PORTS[2],
+        ]
+        assert cluster.ports == RACE_PORTS[4:]
+        assert worker_ports_running_on(racing) == [RACE_PORTS[3]]
+        assert len(registered_workers(cluster)) == 3
+    finally:
+        cluster.cleanup()
+    assert_manager_ports_free([MASTER_PORT, *RACE_PORTS])
 
 
 def test_with_block_cleans_up_after_error(group: RuntimeGroup) -> None:
