@@ -462,8 +462,8 @@ class RoundRobinLauncher(WorkerLauncher):
             if len(placed.tried) >= MAX_PORT_ATTEMPTS:
                 raise NoPortsLeftError(
                     f"Failed to start worker {placed.index} on host {placed.runtime.host!r}: "
-                    f"another program took each of its ports {list(placed.tried)} between the "
-                    "port check and the bind. Pass ports outside the ephemeral port range "
+                    f"each of its ports {list(placed.tried)} was taken on some machine between "
+                    "the port check and the bind. Pass ports outside the ephemeral port range "
                     "(/proc/sys/net/ipv4/ip_local_port_range on Linux) or free these ports."
                 )
 
