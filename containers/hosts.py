@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -122,7 +123,14 @@ class DockerHost(HostFaults):
 class HostGroup:
     """Hosts started together, with the SSH config, known_hosts and key that reach them."""
 
-    def __init__(self, hosts: list[DockerHost], workdir: Path, user: str, group_id: str) -> None:
+    def __init__(
+        self,
+        hosts: list[DockerHost],
+        workdir: Path,
+        user: str,
+        group_id: str,
+        owns_workdir: bool = False,
+    ) -> None:
         self.hosts = hosts
         self.group_id = group_id
         self.workdir = workdir
@@ -130,6 +138,8 @@ class HostGroup:
         self.key_path = workdir / "id_ed25519"
         self.known_hosts_path = workdir / "known_hosts"
         self.ssh_config_path = workdir / "ssh_config"
+        # A temporary workdir holds the private key, so close() removes it.
+        self._owns_workdir = owns_workdir
         self._closed = False
 
     @property
@@ -189,6 +199,8 @@ class HostGroup:
         for host in self.hosts:
             _remove_container(host.container)
         cleanup.remove_containers(group_id=self.group_id)
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> HostGroup:
         return self
@@ -306,6 +318,7 @@ def start_hosts(
 
     cleanup.install_exit_handlers()
     _configure_testcontainers()
+    owns_workdir = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="lazycluster-hosts-"))
     workdir.mkdir(parents=True, exist_ok=True)
     public_key = write_key_pair(workdir / "id_ed25519")
@@ -330,7 +343,7 @@ def start_hosts(
         if errors:
             raise HostStartError(f"{len(errors)} of {count} test hosts did not start: {errors[0]}") from errors[0]
 
-        group = HostGroup(hosts, workdir, user, group_id)
+        group = HostGroup(hosts, workdir, user, group_id, owns_workdir)
         group.write_ssh_files()
         list(pool.map(lambda host: _wait_for_login(group, host, ready_timeout, abort), hosts))
     except BaseException:
@@ -343,6 +356,8 @@ def start_hosts(
         for host in hosts:
             _remove_container(host.container)
         cleanup.remove_containers(group_id=group_id)
+        if owns_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
         raise
     pool.shutdown(wait=True)
 

@@ -74,6 +74,16 @@ def test_second_build_is_fast_noop(ssh_hosts: HostGroup) -> None:
     assert elapsed < 10, f"second build took {elapsed:.1f} s"
 
 
+def test_temporary_workdir_removed_on_close(ssh_hosts: HostGroup) -> None:
+    group = start_hosts(1, image=build_image())
+    key_path = group.key_path
+    assert key_path.exists()
+
+    group.close()
+
+    assert not group.workdir.exists(), "the private key of the hosts outlived close()"
+
+
 def test_hosts_run_manager_versions(ssh_hosts: HostGroup) -> None:
     expected = importlib.metadata.version("distributed")
     assert len(ssh_hosts.hosts) == 3
