@@ -1,7 +1,7 @@
 """Time and concurrency, injectable so that a simulation can replace both.
 
 The library never calls `time.sleep`, `time.time`, `time.monotonic` or starts
-threads for host work itself: it asks the `Clock` of the transport it works
+threads for host work itself: it calls the `Clock` of the transport it works
 with. `SystemClock` uses real time and a thread pool. A simulator's clock
 advances virtual time on `sleep` and runs `map` calls one after another, so a
 simulated run is deterministic.

@@ -245,8 +245,8 @@ class Transport(ABC):
 class Backend(ABC):
     """Makes transports: the real SSH world, or a simulator.
 
-    The library asks the active backend (see `lazycluster.transport.get_backend`)
-    for every transport it needs, so swapping the backend swaps every host.
+    The library requests every transport it needs from the active backend (see
+    `lazycluster.transport.get_backend`), so swapping the backend swaps every host.
     """
 
     clock: Clock
