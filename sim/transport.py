@@ -386,12 +386,13 @@ class SimTransport(Transport):
                 self.sim_host.fs.remove(self._log_dir, recursive=True)
         else:
             alive = sum(1 for handle in self._processes if handle.process.alive)
-            logger.warning(
-                "Host %s does not respond: leaving %d processes and %s there",
-                self.host,
-                alive,
-                self._log_dir,
-            )
+            if alive or self._log_dir is not None:
+                logger.warning(
+                    "Host %s does not respond, so %d process(es) and the log directory %s stay there",
+                    self.host,
+                    alive,
+                    self._log_dir or "(none)",
+                )
         for tunnel in self._tunnels:
             tunnel.close()
         self._tunnels = []

@@ -451,7 +451,7 @@ class SSHTransport(Transport):
         else:
             # sshd frees the forwarded ports itself once it sees the connection closed.
             logger.warning(
-                "Host %s does not respond: leaving %d processes and %s there",
+                "Host %s does not respond, so %d process(es) and the directory %s stay there",
                 self.host,
                 len(processes),
                 self._state_dir,
