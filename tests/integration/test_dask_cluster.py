@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,39 +25,14 @@ from lazycluster.cluster.dask_cluster import DaskCluster
 from lazycluster.exceptions import NoPortsLeftError, PortInUseError
 from lazycluster.group import RuntimeGroup
 from lazycluster.transport.local import LocalTransport
-
-# Marker sockets of the port blocks this process reserved; open until it exits.
-_block_markers: list[socket.socket] = []
-
-
-def reserve_port_block(first: int, last: int, size: int) -> list[int]:
-    """Return `size` free manager ports that no concurrent run of these tests uses.
-
-    A run listens on the port before its block for as long as it lives, and
-    every other run skips a block whose marker port it cannot bind.
-    """
-    for start in range(first, last - size, size + 1):
-        marker = socket.socket()
-        try:
-            marker.bind(("127.0.0.1", start))
-            marker.listen(1)
-        except OSError:
-            marker.close()
-            continue
-        block = list(range(start + 1, start + 1 + size))
-        if not LocalTransport().ports_in_use(block):
-            _block_markers.append(marker)
-            return block
-        marker.close()
-    raise RuntimeError(f"No block of {size} free ports from {first} to {last} on 127.0.0.1.")
-
+from tests.port_blocks import reserve_port_block
 
 # Ports of these tests: below the ephemeral range (32768 on Linux), so no client
 # connection on the manager takes one, and away from Dask's defaults. Each
 # test that blocks ports on a host has ports of its own, because a port that a
 # worker closed a moment ago may sit in TIME_WAIT there, where the blocker
 # (without SO_REUSEADDR) cannot bind it.
-BLOCK = reserve_port_block(29400, 31400, 100)
+BLOCK = reserve_port_block(100, 29400, 31400)
 MASTER_PORT = BLOCK[0]
 BLOCKED_MASTER_PORT = BLOCK[1]
 PORTS = BLOCK[10:50]

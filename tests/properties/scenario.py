@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from port_block import reserve_port_block
+from tests.port_blocks import reserve_port_block
 
 if TYPE_CHECKING:
     from lazycluster.clock import Clock
@@ -28,7 +28,7 @@ PROGRAMS = ("scheduler", "worker")
 
 # Every port a property uses, the same for both backends within one run. The
 # block differs between runs that share the manager, so they do not collide.
-PORT_UNIVERSE = reserve_port_block(60)
+PORT_UNIVERSE = tuple(reserve_port_block(60, 20000, 29000))
 
 Where = int | str  # a host index, or MANAGER
 
