@@ -77,7 +77,7 @@ class TaskExecutionError(LazyclusterError):
 
 
 class InvalidRuntimeError(LazyclusterError):
-    """A host cannot be used as a Runtime: SSH fails or no usable Python answers."""
+    """A host cannot be used as a Runtime because SSH fails or no usable python3 is installed."""
 
     def __init__(
         self, host: str, reason: str = "", predecessor_excp: BaseException | None = None
