@@ -44,6 +44,8 @@ class RemoteTunnel(Tunnel):
         self._owner = owner
         self.last_error: BaseException | None = None
         self._relays = RelaySet(f"lazycluster-tunnel-{owner.host}-{listen_port}")
+        # Whether the last incoming stream found the manager's target port closed.
+        self._refusing = False
         self._closed = False
 
     def accept(self, channel: paramiko.Channel) -> None:
@@ -57,7 +59,13 @@ class RemoteTunnel(Tunnel):
                 f"manager port {self.target_port}: {error}. Check that a server listens there.",
                 error,
             )
-            logger.warning(
+            # A server that is still starting refuses every few milliseconds
+            # (Dask workers retry at once), so only the first refusal of a streak is
+            # logged above DEBUG. The client at the other end sees each refusal anyway.
+            level = logging.DEBUG if self._refusing else logging.INFO
+            self._refusing = True
+            logger.log(
+                level,
                 "Tunnel on host %s failed to connect port %d -> manager port %d: %s",
                 self.host,
                 self.listen_port,
@@ -66,6 +74,7 @@ class RemoteTunnel(Tunnel):
             )
             close_end(channel)
             return
+        self._refusing = False
         self._relays.relay(channel, sock)
 
     @property
