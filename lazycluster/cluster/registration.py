@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 # Seconds between checks whether the workers that have not registered yet still run.
 LIVENESS_CHECK_INTERVAL = 1.0
 
+# First interval between reads of the scheduler's log, which is a local file.
+# The clock lets the interval grow to ten times this, so start() returns at
+# most about 50 ms after the last worker registered.
+LOG_POLL_INTERVAL = 0.005
+
 
 def read_tail(process: ProcessHandle) -> str:
     """Return the last lines of a process log, or why they could not be read."""
@@ -96,7 +101,7 @@ def wait_for_registration(
         restarted = {id(worker) for worker in taken}
         return [(worker, code) for worker, code in stopped if id(worker) not in restarted]
 
-    clock.wait_until(all_registered_or_failed, timeout)
+    clock.wait_until(all_registered_or_failed, timeout, interval=LOG_POLL_INTERVAL)
 
     code = scheduler.poll()
     if code is not None:

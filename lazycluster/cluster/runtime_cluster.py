@@ -369,8 +369,7 @@ class MasterWorkerCluster(RuntimeCluster):
         started_at = clock.monotonic()
         self._register_atexit()
         try:
-            self.start_master(master_port, timeout=self.master_start_timeout, debug=debug)
-            self.start_workers(worker_count, debug=debug)
+            self._start_master_and_workers(worker_count, master_port, debug)
         except BaseException as error:
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
             logger.warning("Cluster start failed, cleaning up: %s", first_line)
@@ -384,6 +383,13 @@ class MasterWorkerCluster(RuntimeCluster):
             sum(len(ports) for ports in self._worker_launcher.ports_per_host.values()),
             ", ".join(self._worker_launcher.ports_per_host),
         )
+
+    def _start_master_and_workers(
+        self, worker_count: int | None, master_port: int | None, debug: bool
+    ) -> None:
+        """Start the master, then the workers; subclasses may overlap the two."""
+        self.start_master(master_port, timeout=self.master_start_timeout, debug=debug)
+        self.start_workers(worker_count, debug=debug)
 
     def start_master(
         self, master_port: int | None = None, timeout: float = 3, debug: bool = False

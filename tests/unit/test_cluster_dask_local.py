@@ -281,13 +281,22 @@ def test_worker_that_exits_fails_fast(
     assert_nothing_left(backend)
 
 
-def test_worker_registration_timeout(backend: HostsBackend, group: RuntimeGroup) -> None:
+def test_worker_registration_timeout(
+    backend: HostsBackend, group: RuntimeGroup, tmp_path: Path
+) -> None:
+    # Workers boot while the scheduler does, so only a worker that hangs on
+    # import is sure to miss the registration timeout.
+    python_path = broken_distributed(tmp_path, "import time\ntime.sleep(60)\n")
+    group.get_runtime("host-1").add_env_variables({"PYTHONPATH": python_path})
     cluster = DaskCluster(group, ports=PORTS)
     cluster.worker_start_timeout = 0.05
 
-    with pytest.raises(WorkerStartError, match="did not register with the scheduler within 0.05 s"):
+    with pytest.raises(
+        WorkerStartError, match="did not register with the scheduler within 0.05 s"
+    ) as raised:
         cluster.start(worker_count=2, master_port=MASTER_PORT)
 
+    assert "host-1" in raised.value.hosts
     assert_nothing_left(backend)
 
 

@@ -473,3 +473,62 @@ def test_moved_worker_without_free_port_raises() -> None:
         assert cluster.workers == []
         assert network.processes() == []
         assert network.open_tunnels() == []
+
+
+def test_start_overlaps_scheduler_and_workers() -> None:
+    network = sim.Network(2, seed=21)
+    network.set_start_delay("scheduler", 2.0)
+
+    with simulated_group(network) as group:
+        with DaskCluster(group, ports=PORTS) as cluster:
+            kinds = [(event.kind, event.detail) for event in network.trace]
+            ready = kinds.index(("scheduler.ready", cluster.scheduler_address))
+            worker_starts = [
+                index
+                for index, (kind, detail) in enumerate(kinds)
+                if kind == "process.start" and detail.endswith(" worker")
+            ]
+            assert len(worker_starts) == 2
+            assert max(worker_starts) < ready
+            assert len(cluster.workers) == 2
+
+
+def test_start_retries_default_port_taken_at_bind() -> None:
+    network = sim.Network(2, seed=22)
+    hold_port_when_scheduler_starts(network, DaskCluster.DEFAULT_MASTER_PORT)
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS)
+        cluster.start()
+        try:
+            scheduler_starts = [
+                event
+                for event in network.trace
+                if event.kind == "process.start" and event.detail.endswith(" scheduler")
+            ]
+            assert len(scheduler_starts) == 2
+            assert cluster.master_port == PORTS[0]
+            assert [worker.port for worker in cluster.workers] == PORTS[1:3]
+            # The workers of the first attempt are gone. Only the new ones listen.
+            for host in group.hosts:
+                assert len(worker_ports_listening(network, host)) == 1
+        finally:
+            cluster.cleanup()
+        network.release_port(network.manager.name, DaskCluster.DEFAULT_MASTER_PORT)
+
+
+def test_start_explicit_port_taken_at_bind() -> None:
+    network = sim.Network(2, seed=23)
+    hold_port_when_scheduler_starts(network, PORTS[0])
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS[1:])
+
+        with pytest.raises(PortInUseError, match="taken while the scheduler started"):
+            cluster.start(master_port=PORTS[0])
+
+        assert cluster.master_port is None
+        assert cluster.workers == []
+        for host in group.hosts:
+            assert worker_ports_listening(network, host) == []
+        network.release_port(network.manager.name, PORTS[0])
