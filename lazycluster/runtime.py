@@ -214,6 +214,12 @@ class Runtime(RuntimeTasksMixin):
         return str(self._info["python_version"])
 
     @property
+    def distributed_version(self) -> str | None:
+        """The version of `distributed` for the host's python3 when the runtime connected, or None."""
+        version = self._info.get("distributed_version")
+        return str(version) if version else None
+
+    @property
     def gpus(self) -> list[str]:
         """One "name, memory" entry per GPU that nvidia-smi lists; empty without one."""
         return list(self._info["gpus"])

@@ -46,6 +46,7 @@ def host_info(call: Call) -> int:
                 "memory": host.memory,
                 "gpus": list(host.gpus),
                 "home": host.home,
+                "distributed_version": host.distributed_version,
             }
         )
     )

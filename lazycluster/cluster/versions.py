@@ -53,16 +53,30 @@ def host_distributed_version(transport: Transport) -> str | None:
 def check_distributed_versions(runtimes: Sequence[Any]) -> None:
     """Raise VersionMismatchError for the first remote runtime whose `distributed` differs.
 
-    One probe per host, all hosts in parallel. Runtimes on the manager's own
-    machine run the manager's interpreter and need no probe.
+    Each runtime read its host's version when it connected. Hosts without a
+    version get a probe of their own, all in parallel, which confirms a
+    missing package before the start fails on it. Runtimes on the manager's
+    own machine run the manager's interpreter and need no check.
     """
     expected = manager_distributed_version()
-    remote = [runtime.transport for runtime in runtimes if not runtime.transport.is_local]
+    remote = [runtime for runtime in runtimes if not runtime.transport.is_local]
     if not remote:
         return
 
-    found = remote[0].clock.map(host_distributed_version, remote)
-    for transport, host_version in zip(remote, found, strict=True):
+    # NOTE: an upgrade on a host after its runtime connected is not seen here.
+    # Dask itself still warns about the mismatch when the worker registers.
+    unknown = [
+        runtime for runtime in remote if getattr(runtime, "distributed_version", None) is None
+    ]
+    probed = remote[0].transport.clock.map(
+        lambda runtime: host_distributed_version(runtime.transport), unknown
+    )
+    probed_by_host = {runtime.host: found for runtime, found in zip(unknown, probed, strict=True)}
+    for runtime in remote:
+        if runtime.host in probed_by_host:
+            host_version = probed_by_host[runtime.host]
+        else:
+            host_version = runtime.distributed_version
         if host_version != expected:
-            raise VersionMismatchError(transport.host, PACKAGE, host_version, expected)
-    logger.info("Hosts %s have distributed %s", ", ".join(t.host for t in remote), expected)
+            raise VersionMismatchError(runtime.host, PACKAGE, host_version, expected)
+    logger.info("Hosts %s have distributed %s", ", ".join(r.host for r in remote), expected)

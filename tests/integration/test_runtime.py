@@ -9,6 +9,7 @@ a temporary directory of the library.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import os
 import socket
 import sys
@@ -136,6 +137,8 @@ def test_host_info(alias: str) -> None:
         assert runtime.memory_in_mb > 0
         assert runtime.python_version.startswith("3.")
         assert runtime.gpus == []
+        # The image installs the manager's wheels, so the versions agree.
+        assert runtime.distributed_version == importlib.metadata.version("distributed")
 
 
 def test_function_error_brings_traceback(alias: str) -> None:

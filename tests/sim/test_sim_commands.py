@@ -141,6 +141,7 @@ def test_host_info_snippet_reports_specs():
     assert info["gpus"] == ["Tesla T4, 15360 MiB"]
     assert info["python_version_info"] == [3, 10, 13]
     assert info["home"] == "/home/lazy"
+    assert info["distributed_version"] == network.host("gpu").distributed_version
 
 
 def test_distributed_version_snippet(network):

@@ -532,3 +532,17 @@ def test_start_explicit_port_taken_at_bind() -> None:
         for host in group.hosts:
             assert worker_ports_listening(network, host) == []
         network.release_port(network.manager.name, PORTS[0])
+
+
+def test_version_check_without_package_probes_host() -> None:
+    network = sim.Network(2, seed=24)
+    network.host("h2").distributed_version = None
+
+    with simulated_group(network) as group:
+        assert group.get_runtime("h2").distributed_version is None
+        assert group.get_runtime("h1").distributed_version == network.host("h1").distributed_version
+
+        with pytest.raises(VersionMismatchError, match="'h2' has no installed version"):
+            DaskCluster(group, ports=PORTS).start()
+
+        assert network.processes() == []
