@@ -86,9 +86,13 @@ class StreamRelay:
         self._on_done = on_done
         self._lock = threading.Lock()
         self._running = 2
+        self._threads = self._make_threads(left, right, name)
+
+    def _make_threads(self, left: StreamEnd, right: StreamEnd, name: str) -> list[threading.Thread]:
+        """Return one thread per direction; each calls `_direction_ended` as its last step."""
         # NOTE: two threads per stream keep the code simple, but a mesh with
         # many thousands of concurrent streams needs a selector-based relay.
-        self._threads = [
+        return [
             threading.Thread(
                 target=self._pump, args=(left, right), name=f"{name}-out", daemon=True
             ),
@@ -108,8 +112,11 @@ class StreamRelay:
                 target.sendall(data)
         except (OSError, EOFError) as error:
             logger.debug("Relay stream ended: %s", error)
+        self._direction_ended(target)
 
-        # Half-close the target, so its peer reads EOF while the opposite
+    def _direction_ended(self, target: StreamEnd) -> None:
+        """Half-close `target`; close both ends once the other direction ended too."""
+        # The half-close lets the target's peer read EOF while the opposite
         # direction may still carry data.
         _shutdown(target, socket.SHUT_WR)
         with self._lock:
@@ -130,11 +137,16 @@ class StreamRelay:
                 thread.join(JOIN_TIMEOUT)
 
 
+# Builds the relay of one stream: (left end, right end, thread name, on_done).
+RelayFactory = Callable[[StreamEnd, StreamEnd, str, Callable[[StreamRelay], None]], StreamRelay]
+
+
 class RelaySet:
     """The live relays of one tunnel, closed together."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, relay_factory: RelayFactory = StreamRelay) -> None:
         self._name = name
+        self._relay_factory = relay_factory
         self._lock = threading.Lock()
         self._relays: set[StreamRelay] = set()
         self._count = 0
@@ -148,7 +160,7 @@ class RelaySet:
                 close_end(right)
                 return
             self._count += 1
-            relay = StreamRelay(left, right, f"{self._name}-{self._count}", self._forget)
+            relay = self._relay_factory(left, right, f"{self._name}-{self._count}", self._forget)
             self._relays.add(relay)
         relay.start()
 
@@ -209,6 +221,7 @@ class ListeningTunnel(Tunnel):
         listen_port: int,
         target_port: int,
         open_target: Callable[[], StreamEnd],
+        relay_factory: RelayFactory = StreamRelay,
     ) -> None:
         self.host = host
         self.kind = kind
@@ -219,7 +232,7 @@ class ListeningTunnel(Tunnel):
         self._closed = False
         self._lock = threading.Lock()
         name = f"lazycluster-tunnel-{host}-{listen_port}"
-        self._relays = RelaySet(name)
+        self._relays = RelaySet(name, relay_factory)
         self._socket = listen_loopback(listen_port, host)
         self._thread = threading.Thread(target=self._accept_loop, name=name, daemon=True)
         self._thread.start()

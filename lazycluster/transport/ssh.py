@@ -37,6 +37,7 @@ from lazycluster.transport.base import (
     Tunnel,
     command_to_shell,
 )
+from lazycluster.transport.channel_relay import relay_stream
 from lazycluster.transport.forwarding import (
     ListeningTunnel,
     StreamEnd,
@@ -377,6 +378,7 @@ class SSHTransport(Transport):
                         manager_port,
                         host_port,
                         functools.partial(self._open_direct, host_port, manager_port),
+                        relay_stream,
                     )
                 )
         except BaseException:

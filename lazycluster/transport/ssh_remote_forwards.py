@@ -16,6 +16,7 @@ import paramiko
 
 from lazycluster.exceptions import ConnectionLostError, PortInUseError, TransportError
 from lazycluster.transport.base import Tunnel
+from lazycluster.transport.channel_relay import relay_stream
 from lazycluster.transport.forwarding import RelaySet, close_end, connect_loopback
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class RemoteTunnel(Tunnel):
         self.target_port = target_port
         self._owner = owner
         self.last_error: BaseException | None = None
-        self._relays = RelaySet(f"lazycluster-tunnel-{owner.host}-{listen_port}")
+        self._relays = RelaySet(f"lazycluster-tunnel-{owner.host}-{listen_port}", relay_stream)
         # Whether the last incoming stream found the manager's target port closed.
         self._refusing = False
         self._closed = False
