@@ -38,16 +38,22 @@ def plan_worker_tunnels(
     they are left out, so calling this after more workers started only adds
     the new forwards. Hosts that need nothing are left out of the result.
     """
+    # Every host gets the same pairs for a given worker host, so they are built
+    # once and shared: a mesh of 2,000 workers on 1,000 hosts has 2 million pairs.
+    pairs_of = {
+        worker_host: [(port, port) for port in ports]
+        for worker_host, ports in ports_per_host.items()
+    }
     plan: dict[str, HostTunnels] = {}
     for host in remote_hosts:
         tunnels = HostTunnels()
-        for worker_host, ports in ports_per_host.items():
+        for worker_host, pairs in pairs_of.items():
             kind = "local" if worker_host == host else "remote"
-            for port in ports:
-                if (host, kind, port) in already_open:
-                    continue
-                pairs = tunnels.local_pairs if kind == "local" else tunnels.remote_pairs
-                pairs.append((port, port))
+            target = tunnels.local_pairs if kind == "local" else tunnels.remote_pairs
+            if already_open:
+                target.extend(pair for pair in pairs if (host, kind, pair[0]) not in already_open)
+            else:
+                target.extend(pairs)
         if tunnels:
             plan[host] = tunnels
     return plan

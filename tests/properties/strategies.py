@@ -85,14 +85,15 @@ def any_outcome(draw: st.DrawFn, bed: Bed) -> tuple[Start, type[Exception] | Non
         start.master_port,
         start.default_master_port,
     )
-    # The master starts (or fails) before the workers' ports are chosen, and
-    # the workers start only with enough ports.
+    # The scheduler's port is chosen first, then the workers' ports, and only
+    # then does the start wait for the scheduler to listen. The workers start
+    # only with enough ports.
     slowness = draw(st.sampled_from(["none", "scheduler", "worker"]))
     delays: tuple = ()
     expected = ports.error
     if slowness == "scheduler":
         delays = ((MANAGER, "scheduler", 30.0),)
-        if ports.stage != "master":
+        if ports.error is None:
             expected = MasterStartError
     elif slowness == "worker":
         slow_host = draw(st.integers(0, start.scenario.hosts - 1))
