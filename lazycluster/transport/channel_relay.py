@@ -84,7 +84,7 @@ def relay_stream(
 
 
 class _CloseSignal:
-    """Stands in for the pipe's event, which paramiko sets under the pipe's lock on each feed and on close."""
+    """A stand-in for the pipe's event, which paramiko sets under the pipe's lock on each feed and on close."""
 
     def __init__(self, relay: ChannelRelay) -> None:
         self._relay = relay
@@ -149,12 +149,12 @@ class ChannelRelay(StreamRelay):
         with self._wake:
             # paramiko looks up `_buffer_frombytes` and the event under this
             # lock, so no packet can slip past the hook once it is set.
-            held = pipe._buffer.tobytes()
+            buffered = pipe._buffer.tobytes()
             del pipe._buffer[:]
             pipe._buffer_frombytes = self._feed
             pipe._event = _CloseSignal(self)
-            if held:
-                self._queue(held)
+            if buffered:
+                self._queue(buffered)
             self._eof = bool(pipe._closed)
 
     def _on_pipe_event(self) -> None:
@@ -164,7 +164,7 @@ class ChannelRelay(StreamRelay):
             self._wake.notify()
 
     def _feed(self, data: bytes) -> None:
-        """Send a packet's data to the socket; runs on paramiko's transport thread."""
+        """Send a packet's data to the socket. Runs on paramiko's transport thread."""
         # An exception here would end paramiko's transport thread and so the whole
         # SSH connection, so every error ends only this direction.
         try:
@@ -203,7 +203,7 @@ class ChannelRelay(StreamRelay):
         self._wake.notify()
 
     def _end(self, error: OSError | None) -> None:
-        """End the channel-to-socket direction, dropping the backlog; the lock is held."""
+        """End the channel-to-socket direction and drop the backlog. The caller holds the lock."""
         if error is not None:
             logger.debug("Relay stream ended: %s", error)
         self._ended = True
@@ -212,7 +212,7 @@ class ChannelRelay(StreamRelay):
         self._wake.notify()
 
     def _take_work(self) -> tuple[bytes, int] | None:
-        """Wait for data to write or bytes to acknowledge; None when the direction is over."""
+        """Wait for data to write or bytes to acknowledge, or return None when the direction is over."""
         while not (
             self._backlog or self._unacknowledged > self._ack_threshold or self._eof or self._ended
         ):

@@ -79,6 +79,11 @@ class RemoteTunnel(Tunnel):
         self._relays.relay(channel, sock)
 
     @property
+    def stream_count(self) -> int:
+        """Number of streams relayed right now."""
+        return len(self._relays)
+
+    @property
     def is_open(self) -> bool:
         return not self._closed
 

@@ -6,6 +6,7 @@ no thread, socket or process is left behind.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shlex
@@ -915,6 +916,319 @@ def test_forward_remote_to_port_nobody_listens_on(transport):
     assert isinstance(tunnel.last_error, TransportError)
     assert str(manager_port) in str(tunnel.last_error)
     tunnel.close()
+
+
+# Relay semantics: order, half-close, flow control and clean-up of each stream
+
+# One side of a half-close exchange on the host, over a connection it accepts
+# ("listen") or opens ("connect"). Side "A" sends SIZE pattern bytes, half-closes
+# and prints the reply it reads to EOF. Side "B" reads to EOF, then replies with
+# the byte count and SHA-256 of what it read, and prints the same.
+HALF_CLOSE_PEER = """
+import hashlib, socket, sys
+role, port, side, size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+if role == "listen":
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(1)
+    print("listening", flush=True)
+    connection, _ = server.accept()
+else:
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+connection.settimeout(30)
+def read_all():
+    parts = []
+    while data := connection.recv(65536):
+        parts.append(data)
+    return b"".join(parts)
+if side == "A":
+    connection.sendall(bytes(index % 251 for index in range(size)))
+    connection.shutdown(socket.SHUT_WR)
+    print("reply", read_all().decode(), flush=True)
+else:
+    data = read_all()
+    reply = f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+    connection.sendall(reply.encode())
+    print("reply", reply, flush=True)
+connection.close()
+"""
+
+# Writes a pattern to one connection, accepted ("listen") or opened ("connect"),
+# until a send makes no progress for 3 s or LIMIT bytes are out, then prints
+# "sent COUNT SHA256", half-closes and waits for the peer to close.
+FLOOD_PEER = """
+import hashlib, socket, sys
+role, port, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if role == "listen":
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(1)
+    print("listening", flush=True)
+    connection, _ = server.accept()
+else:
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+connection.settimeout(3)
+block = bytes(index % 253 for index in range(1 << 20))
+digest, sent = hashlib.sha256(), 0
+try:
+    while sent < limit:
+        count = connection.send(block)
+        digest.update(block[:count])
+        sent += count
+except socket.timeout:
+    pass
+print("sent", sent, digest.hexdigest(), flush=True)
+connection.settimeout(60)
+connection.shutdown(socket.SHUT_WR)
+connection.recv(1)
+connection.close()
+"""
+
+PATTERN_SIZE = 3_000_000
+
+# A peer that flooded for this many bytes did not block: nothing throttled it.
+FLOOD_LIMIT = 512 * 1024 * 1024
+
+# What a blocked flood may have sent: the 16 MiB tunnel window (2 MiB for remote
+# forwards) plus the socket buffers of the host, sshd and the manager's loopback.
+MAX_BUFFERED = 96 * 1024 * 1024
+
+
+def pattern(size: int) -> bytes:
+    return bytes(index % 251 for index in range(size))
+
+
+def read_to_eof(connection: socket.socket) -> bytes:
+    parts = []
+    while data := connection.recv(65536):
+        parts.append(data)
+    return b"".join(parts)
+
+
+def digest_reply(data: bytes) -> str:
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def run_half_close_side(connection: socket.socket, side: str, size: int) -> str:
+    """Play side A or B of HALF_CLOSE_PEER on the manager and return the reply line."""
+    connection.settimeout(30)
+    if side == "A":
+        connection.sendall(pattern(size))
+        connection.shutdown(socket.SHUT_WR)
+        return read_to_eof(connection).decode()
+    reply = digest_reply(read_to_eof(connection))
+    connection.sendall(reply.encode())
+    return reply
+
+
+def wait_for_log(process, prefix: str, timeout: float = 60.0) -> str:
+    """Return the first line of the process's log that starts with `prefix`."""
+
+    def found() -> str | None:
+        for line in process.read_log().splitlines():
+            if line.startswith(prefix):
+                return line
+        return None
+
+    assert wait_for(lambda: found() is not None, timeout), process.read_log()
+    line = found()
+    assert line is not None
+    return line
+
+
+def relay_threads() -> list[threading.Thread]:
+    """Return the threads that relay tunnel streams, without the tunnels' accept threads."""
+    return [
+        thread
+        for thread in threading.enumerate()
+        if thread.name.startswith("lazycluster-tunnel-") and thread.name.count("-") >= 5
+    ]
+
+
+@pytest.mark.parametrize("size", [10, PATTERN_SIZE])
+@pytest.mark.parametrize("manager_side", ["A", "B"])
+def test_forward_local_half_close(transport, manager_side, size):
+    host_port, manager_port = free_port(), free_port()
+    host_side = "B" if manager_side == "A" else "A"
+    peer = transport.start_process(
+        [REAL_PYTHON, "-c", HALF_CLOSE_PEER, "listen", str(host_port), host_side, str(size)]
+    )
+    wait_for_log(peer, "listening")
+    (tunnel,) = transport.forward_local([(manager_port, host_port)])
+
+    with socket.create_connection(("127.0.0.1", manager_port), timeout=10) as client:
+        manager_reply = run_half_close_side(client, manager_side, size)
+    host_reply = wait_for_log(peer, "reply").removeprefix("reply ")
+
+    expected = digest_reply(pattern(size))
+    assert manager_reply == expected
+    assert host_reply == expected
+    assert wait_for(lambda: tunnel.stream_count == 0)
+    tunnel.close()
+
+
+@pytest.mark.parametrize("size", [10, PATTERN_SIZE])
+@pytest.mark.parametrize("manager_side", ["A", "B"])
+def test_forward_remote_half_close(transport, manager_side, size):
+    host_port = free_port()
+    host_side = "B" if manager_side == "A" else "A"
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(30)
+        (tunnel,) = transport.forward_remote([(host_port, server.getsockname()[1])])
+        peer = transport.start_process(
+            [REAL_PYTHON, "-c", HALF_CLOSE_PEER, "connect", str(host_port), host_side, str(size)]
+        )
+        connection, _ = server.accept()
+        with connection:
+            manager_reply = run_half_close_side(connection, manager_side, size)
+    host_reply = wait_for_log(peer, "reply").removeprefix("reply ")
+
+    expected = digest_reply(pattern(size))
+    assert manager_reply == expected
+    assert host_reply == expected
+    assert wait_for(lambda: tunnel.stream_count == 0)
+    tunnel.close()
+
+
+def test_forward_local_small_messages_in_order(transport):
+    host_port, manager_port = free_port(), free_port()
+    server = start_echo_server(transport, host_port)
+    (tunnel,) = transport.forward_local([(manager_port, host_port)])
+
+    # Many small request-response pairs, as Dask sends them: each one travels
+    # alone through the tunnel, so each is delivered by its own SSH packet.
+    with socket.create_connection(("127.0.0.1", manager_port), timeout=20) as client:
+        for index in range(2000):
+            message = f"{index:08d}".encode() * (1 + index % 40)
+            client.sendall(message)
+            echoed = b""
+            while len(echoed) < len(message):
+                data = client.recv(65536)
+                assert data, f"EOF after {index} messages"
+                echoed += data
+            assert echoed == message
+
+    tunnel.close()
+    server.stop()
+
+
+def test_forward_local_streams_leave_no_threads(transport):
+    host_port, manager_port = free_port(), free_port()
+    server = start_echo_server(transport, host_port)
+    (tunnel,) = transport.forward_local([(manager_port, host_port)])
+    threads_before = set(relay_threads())
+
+    for index in range(20):
+        payload = os.urandom(1000 * index)
+        assert exchange(manager_port, payload) == payload
+    assert wait_for(lambda: tunnel.stream_count == 0)
+    assert wait_for(lambda: set(relay_threads()) <= threads_before), relay_threads()
+
+    tunnel.close()
+    server.stop()
+
+
+def test_forward_local_slow_reader_blocks_sender(transport):
+    host_port, manager_port = free_port(), free_port()
+    flood = transport.start_process(
+        [REAL_PYTHON, "-c", FLOOD_PEER, "listen", str(host_port), str(FLOOD_LIMIT)]
+    )
+    wait_for_log(flood, "listening")
+    (tunnel,) = transport.forward_local([(manager_port, host_port)])
+
+    with socket.create_connection(("127.0.0.1", manager_port), timeout=60) as client:
+        # The client reads nothing until the host's sender stalls.
+        _, sent, digest = wait_for_log(flood, "sent", timeout=120).split()
+        assert int(sent) < MAX_BUFFERED, f"the host sent {sent} bytes to a reader that read none"
+
+        received = read_to_eof(client)
+        assert len(received) == int(sent)
+        assert hashlib.sha256(received).hexdigest() == digest
+
+    assert wait_for(lambda: tunnel.stream_count == 0)
+    tunnel.close()
+
+
+def test_forward_local_slow_steady_reader_keeps_order(transport):
+    host_port, manager_port = free_port(), free_port()
+    size = 16 * 1024 * 1024
+    flood = transport.start_process(
+        [REAL_PYTHON, "-c", FLOOD_PEER, "listen", str(host_port), str(size)]
+    )
+    wait_for_log(flood, "listening")
+    (tunnel,) = transport.forward_local([(manager_port, host_port)])
+
+    # A reader slower than the tunnel, with a small receive buffer, keeps the
+    # manager's socket full, so packets arrive while earlier ones still wait
+    # in the relay.
+    digest = hashlib.sha256()
+    received = 0
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        client.settimeout(60)
+        client.connect(("127.0.0.1", manager_port))
+        while data := client.recv(8192):
+            digest.update(data)
+            received += len(data)
+    _, sent, sent_digest = wait_for_log(flood, "sent").split()
+
+    assert int(sent) == size
+    assert received == size
+    assert digest.hexdigest() == sent_digest
+    assert wait_for(lambda: tunnel.stream_count == 0)
+    tunnel.close()
+
+
+def test_forward_remote_slow_reader_blocks_sender(transport):
+    host_port = free_port()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(30)
+        (tunnel,) = transport.forward_remote([(host_port, server.getsockname()[1])])
+        flood = transport.start_process(
+            [REAL_PYTHON, "-c", FLOOD_PEER, "connect", str(host_port), str(FLOOD_LIMIT)]
+        )
+        connection, _ = server.accept()
+        with connection:
+            _, sent, digest = wait_for_log(flood, "sent", timeout=120).split()
+            assert int(sent) < MAX_BUFFERED, (
+                f"the host sent {sent} bytes to a reader that read none"
+            )
+
+            connection.settimeout(60)
+            received = read_to_eof(connection)
+            assert len(received) == int(sent)
+            assert hashlib.sha256(received).hexdigest() == digest
+
+    assert wait_for(lambda: tunnel.stream_count == 0)
+    tunnel.close()
+
+
+def test_tunnel_close_with_backlog_leaves_nothing(transport):
+    host_port, manager_port = free_port(), free_port()
+    flood = transport.start_process(
+        [REAL_PYTHON, "-c", FLOOD_PEER, "listen", str(host_port), str(FLOOD_LIMIT)]
+    )
+    wait_for_log(flood, "listening")
+    (tunnel,) = transport.forward_local([(manager_port, host_port)])
+    threads_before = set(relay_threads())
+
+    with socket.create_connection(("127.0.0.1", manager_port), timeout=60) as client:
+        wait_for_log(flood, "sent", timeout=120)
+        assert tunnel.stream_count == 1
+
+        # Closing the tunnel ends the stalled stream, whose data waits in the
+        # relay, and the client reads EOF after at most what was buffered.
+        tunnel.close()
+        assert tunnel.stream_count == 0
+        assert len(read_to_eof(client)) < MAX_BUFFERED
+    assert wait_for(lambda: set(relay_threads()) <= threads_before), relay_threads()
+    flood.stop()
 
 
 # Dropped connections and stopped hosts
