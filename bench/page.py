@@ -48,6 +48,11 @@ def render_page(report: Report, machine: list[str], total_seconds: float, *, qui
         "with the fastest and slowest run; each ratio divides two medians of the same run. Speed goals "
         "live only here, never as timed assertions in tests.",
         "",
+        "Both clusters of the start-up and map figures log in to each container at its own address "
+        "on port 22, as on real hosts. Through the published loopback ports, Docker's userland proxy "
+        "would copy every byte of our tunnels, but not the traffic that SSHCluster sends to the "
+        "containers directly. The other figures use the published ports.",
+        "",
     ]
     if quick or len(only) < 5:
         lines += [f"NOTE: a partial run (quick={quick}, modules {', '.join(only)}); rerun `{REPRODUCE}` for the full page.", ""]

@@ -13,11 +13,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.context import Context
+from bench.context import CONTAINER_SSH_PORT, Context, container_address
 from bench.docker_exec import ExecProcess
 from bench.report import Section, at_most
 from bench.stats import Sample
-from bench.tunnels import container_address
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,9 @@ class Ours:
         from lazycluster.transport import use_backend
         from lazycluster.transport.ssh import SSHBackend
 
-        self._backend_scope = use_backend(SSHBackend(ssh_config_path=self.context.ssh_config))
+        self._backend_scope = use_backend(
+            SSHBackend(ssh_config_path=self.context.direct_ssh_config, resolve_unknown_hosts=False)
+        )
         self._backend_scope.__enter__()
         started = time.perf_counter()
         self.group = RuntimeGroup(hosts=self.context.hosts.aliases)
@@ -103,10 +104,10 @@ class DaskSSHCluster:
         hosts = self.context.hosts
         return [
             {
-                "port": host.port,
+                "port": CONTAINER_SSH_PORT,
                 "username": host.user,
                 "client_keys": [str(hosts.key_path)],
-                "known_hosts": str(hosts.known_hosts_path),
+                "known_hosts": self.context.direct_known_hosts,
             }
             for host in hosts
         ]
@@ -115,11 +116,12 @@ class DaskSSHCluster:
         from distributed import SSHCluster
 
         options = self._connect_options()
+        addresses = [container_address(host) for host in self.context.hosts]
         started = time.perf_counter()
         # The first entry of `hosts` runs the scheduler; every entry after it
         # runs `n_workers` workers, so host 0 is listed twice.
         self.cluster = SSHCluster(
-            ["127.0.0.1"] * (len(options) + 1),
+            [addresses[0], *addresses],
             connect_options=[options[0], *options],
             worker_options={"n_workers": workers // len(options), "nthreads": 1},
             scheduler_options={"port": 0, "dashboard": False},

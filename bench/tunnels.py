@@ -10,9 +10,8 @@ import logging
 import socket
 import subprocess
 import time
-from typing import Any
 
-from bench.context import Context
+from bench.context import Context, container_address
 from bench.docker_exec import ExecProcess
 from bench.report import MEGABYTE, Section, at_least
 from bench.stats import Sample
@@ -100,12 +99,6 @@ def echo_latency(address: tuple[str, int]) -> float:
             seconds.append(time.perf_counter() - started)
     seconds.sort()
     return seconds[len(seconds) // 2]
-
-
-def container_address(host: Any) -> str:
-    host.container.reload()
-    networks = host.container.attrs["NetworkSettings"]["Networks"]
-    return str(next(iter(networks.values()))["IPAddress"])
 
 
 def free_local_port() -> int:

@@ -21,6 +21,9 @@ class HostEntry:
     port: int
     user: str
     host_keys: Sequence[str]  # lines "TYPE BASE64 [COMMENT]" of the container's *.pub files
+    # The published port on loopback by default. The benchmarks use the
+    # container's own address and port 22, which skips Docker's port proxy.
+    address: str = HOST_ADDRESS
 
 
 def write_key_pair(private_path: Path) -> str:
@@ -52,12 +55,16 @@ def _check_config_path(path: Path) -> None:
 
 
 def known_hosts_lines(entries: Iterable[HostEntry]) -> list[str]:
-    """Return known_hosts lines `[127.0.0.1]:PORT TYPE KEY` for every host key of every entry."""
+    """Return known_hosts lines `[ADDRESS]:PORT TYPE KEY` for every host key of every entry.
+
+    Port 22 is written as the bare address, as OpenSSH and paramiko look it up.
+    """
     lines = []
     for entry in entries:
+        name = entry.address if entry.port == 22 else f"[{entry.address}]:{entry.port}"
         for key_line in entry.host_keys:
             key_type, key_data = key_line.split()[:2]
-            lines.append(f"[{HOST_ADDRESS}]:{entry.port} {key_type} {key_data}")
+            lines.append(f"{name} {key_type} {key_data}")
     return lines
 
 
@@ -69,7 +76,7 @@ def config_text(entries: Iterable[HostEntry], key_path: Path, known_hosts_path: 
     for entry in entries:
         blocks.append(
             f"Host {entry.alias}\n"
-            f"    HostName {HOST_ADDRESS}\n"
+            f"    HostName {entry.address}\n"
             f"    Port {entry.port}\n"
             f"    User {entry.user}\n"
             f"    IdentityFile {key_path}\n"
