@@ -229,13 +229,24 @@ class SSHTransport(Transport):
                     raise CommandTimeoutError(
                         self.host, f"Command {text!r}", timeout or 0.0, error
                     ) from error
-                if transport.is_active():
+                rejected = isinstance(error.__cause__, paramiko.ChannelException)
+                if transport.is_active() and rejected:
                     raise TransportError(
                         self.host,
                         f"Host {self.host!r} rejected a channel for {text!r}: {error}. Check "
                         "sshd's MaxSessions there.",
                         error,
                     ) from error
+                if transport.is_active():
+                    # sshd did not reply at all, so the host is frozen or cut off.
+                    # Closing the connection makes the next calls fail fast or reconnect.
+                    logger.warning(
+                        "Host %s did not reply to a channel request for %r; closing its connection",
+                        self.host,
+                        text,
+                    )
+                    transport.close()
+                    raise self._lost(f"running {text!r}", error) from error
                 # Nothing reached the host yet, so a new connection may try again.
                 if attempt == 2:
                     raise self._lost(f"running {text!r}", error) from error

@@ -8,9 +8,11 @@ to the manager's target port.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import paramiko
 
@@ -28,6 +30,41 @@ LOOPBACK = "127.0.0.1"
 MAX_SEQUENTIAL_FORWARDS = 3
 
 _NETWORK_ERRORS = (paramiko.SSHException, EOFError, OSError)
+
+# Seconds to wait for sshd's reply to a forwarding request. paramiko itself
+# waits without a bound, so a frozen host would block the caller, cleanup
+# included, for as long as it stays frozen. Past this bound the connection
+# counts as lost and is closed, which also ends its forwards.
+REPLY_TIMEOUT = 30.0
+
+T = TypeVar("T")
+
+
+def wait_for_reply(
+    transport: paramiko.Transport, host: str, action: str, call: Callable[[], T]
+) -> T:
+    """Return `call()`, closing `transport` when sshd has not replied within REPLY_TIMEOUT.
+
+    A closed transport ends paramiko's wait for the reply, so `call` returns
+    or raises soon after.
+    """
+
+    def give_up() -> None:
+        logger.warning(
+            "Host %s did not reply to %s within %g s; closing its connection",
+            host,
+            action,
+            REPLY_TIMEOUT,
+        )
+        transport.close()
+
+    timer = threading.Timer(REPLY_TIMEOUT, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        return call()
+    finally:
+        timer.cancel()
 
 
 class RemoteTunnel(Tunnel):
@@ -62,7 +99,7 @@ class RemoteTunnel(Tunnel):
             )
             # A server that is still starting refuses every few milliseconds
             # (Dask workers retry at once), so only the first refusal of a streak is
-            # logged above DEBUG. The client at the other end sees each refusal anyway.
+            # logged above DEBUG. The client at the other end gets each refusal anyway.
             level = logging.DEBUG if self._refusing else logging.INFO
             self._refusing = True
             logger.log(
@@ -161,7 +198,14 @@ class RemoteForwards:
                 raise PortInUseError(port, where=f"host {self.host!r} (already forwarded)")
             self._tunnels[port] = tunnel
             try:
-                transport.request_port_forward(LOOPBACK, port, handler=self._on_channel)
+                wait_for_reply(
+                    transport,
+                    self.host,
+                    f"the request to forward port {port}",
+                    lambda: transport.request_port_forward(
+                        LOOPBACK, port, handler=self._on_channel
+                    ),
+                )
                 return
             except _NETWORK_ERRORS as error:
                 del self._tunnels[port]
@@ -196,15 +240,12 @@ class RemoteForwards:
             for tunnel in tunnels:
                 self._tunnels[tunnel.listen_port] = tunnel
             try:
-                # The first request installs the handler of incoming connections
-                # before any port of the batch listens.
-                transport.request_port_forward(LOOPBACK, ports[0], handler=self._on_channel)
-                # The middle requests want no reply, so they go out back to back.
-                # sshd handles global requests in order, so the reply to the last
-                # one arrives after every earlier one was handled.
-                for port in ports[1:-1]:
-                    transport.global_request("tcpip-forward", (LOOPBACK, port), wait=False)
-                reply = transport.global_request("tcpip-forward", (LOOPBACK, ports[-1]), wait=True)
+                reply = wait_for_reply(
+                    transport,
+                    self.host,
+                    f"the requests to forward ports {ports[0]} to {ports[-1]}",
+                    lambda: self._send_batch(transport, ports),
+                )
             except _NETWORK_ERRORS as error:
                 if not transport.is_active():
                     raise self._lost(f"forwarding ports {ports}", error) from error
@@ -224,6 +265,18 @@ class RemoteForwards:
                 "(AllowTcpForwarding yes) and, for ports below 1024, that the user is root.",
                 failure,
             )
+
+    def _send_batch(self, transport: paramiko.Transport, ports: list[int]) -> object:
+        """Request forwarding of `ports`; return sshd's reply to the last request, or None."""
+        # The first request installs the handler of incoming connections
+        # before any port of the batch listens.
+        transport.request_port_forward(LOOPBACK, ports[0], handler=self._on_channel)
+        # The middle requests want no reply, so they go out back to back.
+        # sshd handles global requests in order, so the reply to the last
+        # one arrives after every earlier one was handled.
+        for port in ports[1:-1]:
+            transport.global_request("tcpip-forward", (LOOPBACK, port), wait=False)
+        return transport.global_request("tcpip-forward", (LOOPBACK, ports[-1]), wait=True)
 
     def _on_channel(
         self, channel: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]
@@ -252,8 +305,13 @@ class RemoteForwards:
             try:
                 # paramiko's cancel_port_forward would also drop the handler that
                 # serves the other forwarded ports, so the request is sent directly.
-                transport.global_request(
-                    "cancel-tcpip-forward", (LOOPBACK, tunnel.listen_port), wait=True
+                wait_for_reply(
+                    transport,
+                    self.host,
+                    f"the request to stop forwarding port {tunnel.listen_port}",
+                    lambda: transport.global_request(
+                        "cancel-tcpip-forward", (LOOPBACK, tunnel.listen_port), wait=True
+                    ),
                 )
             except _NETWORK_ERRORS as error:
                 logger.warning(
@@ -277,12 +335,20 @@ class RemoteForwards:
             try:
                 # sshd handles global requests in order, so once the last cancel
                 # is answered every port of the list is free.
-                for index, port in enumerate(ports):
+                for port in ports[:-1]:
                     if transport.is_active():
-                        last = index == len(ports) - 1
                         transport.global_request(
-                            "cancel-tcpip-forward", (LOOPBACK, port), wait=last
+                            "cancel-tcpip-forward", (LOOPBACK, port), wait=False
                         )
+                if ports and transport.is_active():
+                    wait_for_reply(
+                        transport,
+                        self.host,
+                        f"the requests to stop forwarding ports {ports}",
+                        lambda: transport.global_request(
+                            "cancel-tcpip-forward", (LOOPBACK, ports[-1]), wait=True
+                        ),
+                    )
             except _NETWORK_ERRORS as error:
                 logger.warning(
                     "Failed to cancel forwarding of ports %s on host %s: %s",
@@ -306,8 +372,16 @@ class RemoteForwards:
             transport = self._current_transport()
             for tunnel in tunnels:
                 try:
-                    transport.request_port_forward(
-                        LOOPBACK, tunnel.listen_port, handler=self._on_channel
+                    wait_for_reply(
+                        transport,
+                        self.host,
+                        f"the request to forward port {tunnel.listen_port} again",
+                        functools.partial(
+                            transport.request_port_forward,
+                            LOOPBACK,
+                            tunnel.listen_port,
+                            handler=self._on_channel,
+                        ),
                     )
                 except _NETWORK_ERRORS as error:
                     logger.warning(
