@@ -437,8 +437,11 @@ class MasterWorkerCluster(RuntimeCluster):
 
     def cleanup(self) -> None:
         """Stop the workers, then the master, and close every tunnel. Calling it twice is harmless."""
-        self._worker_launcher.cleanup()
-        self._master_launcher.cleanup()
+        # The master stops even when stopping the workers fails or is interrupted.
+        try:
+            self._worker_launcher.cleanup()
+        finally:
+            self._master_launcher.cleanup()
         if self._atexit_registered:
             atexit.unregister(self.cleanup)
             self._atexit_registered = False

@@ -177,7 +177,8 @@ class SSHTransport(Transport):
     def _lost(self, action: str, error: BaseException) -> ConnectionLostError:
         return ConnectionLostError(
             self.host,
-            f"Connection to host {self.host!r} was lost while {action}: {error}. The next "
+            f"Connection to host {self.host!r} was lost while {action}: "
+            f"{str(error).rstrip('.')}. The next "
             "call reconnects; check that the host is up.",
             error,
         )

@@ -546,3 +546,30 @@ def test_version_check_without_package_probes_host() -> None:
             DaskCluster(group, ports=PORTS).start()
 
         assert network.processes() == []
+
+
+def test_cleanup_stops_master_after_worker_failure() -> None:
+    class InterruptedCleanup(RoundRobinLauncher):
+        interrupted = False
+
+        def cleanup(self) -> None:
+            # The first cleanup is interrupted before it stops anything.
+            if not self.interrupted:
+                self.interrupted = True
+                raise KeyboardInterrupt
+            super().cleanup()
+
+    network = sim.Network(2, seed=25)
+
+    with simulated_group(network) as group:
+        launcher = InterruptedCleanup(group)
+        cluster = DaskCluster(group, ports=PORTS, worker_launcher=launcher)
+        cluster.start()
+
+        with pytest.raises(KeyboardInterrupt):
+            cluster.cleanup()
+
+        assert cluster.master_port is None
+        assert not any(p.program.name == "scheduler" for p in network.processes())
+        cluster.cleanup()
+        assert network.processes() == []
