@@ -193,7 +193,8 @@ class ChannelRelay(StreamRelay):
         self._backlog_bytes += len(data)
         if self._backlog_bytes > self._max_backlog:
             logger.warning(
-                "Relay %s ended: the peer sent %d bytes beyond the window of %d bytes",
+                "Relay %s ended: %d bytes wait for the socket, more than the %d bytes "
+                "the channel's window allows the peer to send",
                 self._name,
                 self._backlog_bytes,
                 self._max_backlog,
@@ -205,7 +206,7 @@ class ChannelRelay(StreamRelay):
     def _end(self, error: OSError | None) -> None:
         """End the channel-to-socket direction and drop the backlog. The caller holds the lock."""
         if error is not None:
-            logger.debug("Relay stream ended: %s", error)
+            logger.debug("Relay %s ended: %s", self._name, error)
         self._ended = True
         self._backlog.clear()
         self._backlog_bytes = 0

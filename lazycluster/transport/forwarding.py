@@ -3,6 +3,7 @@
 A stream end is a connected `socket.socket` or a paramiko `Channel`: both offer
 `recv`, `sendall`, `shutdown` and `close`. Each relayed stream uses two threads,
 one per direction, so a slow reader on one side never stalls the other side.
+SSH tunnels relay through `channel_relay.ChannelRelay` where paramiko allows it.
 """
 
 from __future__ import annotations
