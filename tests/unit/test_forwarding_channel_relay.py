@@ -265,6 +265,33 @@ def test_channel_relay_close_with_backlog(open_tunnel):
     assert len(read_to_eof(tunnel.application)) <= WINDOW_SIZE + 1024 * 1024
 
 
+def test_channel_relay_survives_key_exchanges(connection, open_tunnel):
+    client, _ = connection
+    tunnel = open_tunnel()
+    payload = bytes(index % 251 for index in range(8 * 1024 * 1024))
+
+    # With a 64 KiB window the relay grants window about every 6 KiB, so
+    # window adjustments fall inside each key exchange, when paramiko holds
+    # back every message but those of the exchange.
+    sender = threading.Thread(target=tunnel.far_end.sendall, args=(payload,))
+    sender.start()
+    received = bytearray()
+    tunnel.application.settimeout(30)
+    exchanges = 0
+    while len(received) < len(payload):
+        data = tunnel.application.recv(65536)
+        assert data, f"EOF after {len(received)} bytes"
+        received += data
+        if len(received) > (exchanges + 1) * len(payload) // 4 and exchanges < 3:
+            client.renegotiate_keys()
+            exchanges += 1
+    sender.join(30)
+
+    assert exchanges == 3
+    assert bytes(received) == payload
+    assert client.is_active()
+
+
 def test_relay_stream_falls_back_without_hook(open_tunnel, monkeypatch):
     monkeypatch.setattr(channel_relay, "HOOK_SUPPORTED", False)
     tunnel = open_tunnel()
