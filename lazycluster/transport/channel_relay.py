@@ -97,9 +97,11 @@ class _CloseSignal:
 
 
 class ChannelRelay(StreamRelay):
-    """Relays a channel and a socket: the socket-to-channel direction uses a thread
-    that reads the socket, and the channel-to-socket direction writes on paramiko's
-    transport thread, with a writer thread for what the socket does not take at once.
+    """A relay between a channel and a socket.
+
+    A thread reads the socket and sends to the channel. paramiko's transport
+    thread writes the channel's data to the socket, and a writer thread sends
+    what the socket did not take at once.
     """
 
     def __init__(
@@ -247,8 +249,8 @@ class ChannelRelay(StreamRelay):
                 break
             chunk, acknowledged = work
 
-            # paramiko's thread never sends the window adjustment itself: during
-            # a key exchange that send waits for the very thread that sends it.
+            # paramiko's thread never sends the window adjustment itself, because
+            # during a key exchange that send would wait for paramiko's thread.
             if acknowledged:
                 self._acknowledge(acknowledged)
             if not chunk:

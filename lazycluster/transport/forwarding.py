@@ -90,7 +90,7 @@ class StreamRelay:
         self._threads = self._make_threads(left, right, name)
 
     def _make_threads(self, left: StreamEnd, right: StreamEnd, name: str) -> list[threading.Thread]:
-        """Return one thread per direction; each calls `_direction_ended` as its last step."""
+        """Return one thread per direction. Each calls `_direction_ended` as its last step."""
         # NOTE: two threads per stream keep the code simple, but a mesh with
         # many thousands of concurrent streams needs a selector-based relay.
         return [
@@ -116,7 +116,7 @@ class StreamRelay:
         self._direction_ended(target)
 
     def _direction_ended(self, target: StreamEnd) -> None:
-        """Half-close `target`; close both ends once the other direction ended too."""
+        """Half-close `target`, and close both ends once the other direction ended too."""
         # The half-close lets the target's peer read EOF while the opposite
         # direction may still carry data.
         _shutdown(target, socket.SHUT_WR)
