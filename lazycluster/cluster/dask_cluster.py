@@ -405,9 +405,13 @@ class RoundRobinLauncher(WorkerLauncher):
         return [worker for worker in self.workers if worker.index in moved], remaining
 
     def cleanup(self) -> None:
-        """Stop every worker and close every worker tunnel. Calling it twice is harmless."""
+        """Stop every worker and close every worker tunnel. Calling it twice is harmless.
+
+        The next start places its first worker on the first runtime again.
+        """
         super().cleanup()
         self._tried_ports.clear()
+        self._next_index = 0
 
     def _start_placed(
         self,

@@ -320,6 +320,8 @@ class MasterWorkerCluster(RuntimeCluster):
         if ports is None:
             ports = list(range(self.DEFAULT_PORT_RANGE_START, self.DEFAULT_PORT_RANGE_END))
         self._ports = validate_port_list(ports)
+        # The whole list again after cleanup(), which frees every port taken from it.
+        self._port_list = list(self._ports)
         self._master_launcher = master_launcher or self._default_master_launcher(runtime_group)
         self._worker_launcher = worker_launcher or self._default_worker_launcher(runtime_group)
         self._atexit_registered = False
@@ -436,12 +438,16 @@ class MasterWorkerCluster(RuntimeCluster):
             print_process_log(f"{worker.name} on {worker.host}:{worker.port}", worker.process)
 
     def cleanup(self) -> None:
-        """Stop the workers, then the master, and close every tunnel. Calling it twice is harmless."""
+        """Stop the workers, then the master, and close every tunnel. Calling it twice is harmless.
+
+        Afterwards `ports` is the whole port list again.
+        """
         # The master stops even when stopping the workers fails or is interrupted.
         try:
             self._worker_launcher.cleanup()
         finally:
             self._master_launcher.cleanup()
+        self._ports = list(self._port_list)
         if self._atexit_registered:
             atexit.unregister(self.cleanup)
             self._atexit_registered = False

@@ -2,8 +2,9 @@
 
 The faults take and free ports and slow down or speed up the workers of a host.
 
-One DaskCluster lives through a whole run, so the port list shrinks across
-starts and a cleaned-up cluster starts again. The model keeps what must hold
+One DaskCluster lives through a whole run: the port list shrinks as workers
+are added, and a cleanup (also the one of a failed start) gives back the
+whole list and starts the round robin at the first host again. The model keeps what must hold
 (master port, worker ports, the remaining list, killed workers, taken ports)
 and every invariant is checked after every step, on both backends.
 """
@@ -90,16 +91,12 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
             try:
                 self.cluster.start(worker_count=workers)
             except LazyclusterError as error:
+                # A failed start cleans up, which gives back the whole list.
+                self.ports, self.next_index = list(LIST_PORTS), 0
                 if late:
                     assert type(error) is WorkerStartError, f"raised {error!r}, expected WorkerStartError"
-                    self.ports = list(expected.remaining)
                     return
                 assert type(error) is expected.error, f"raised {error!r}, expected {expected}"
-                if expected.stage == "master":
-                    return
-                # The master took its port from the list before the workers failed.
-                if expected.master_port != DEFAULT_MASTER_PORT:
-                    self.ports = self.ports[self.ports.index(expected.master_port) + 1 :]
                 return
             assert not late, "start succeeded, but a worker was placed on a slow host"
             assert expected.error is None, f"start succeeded, expected {expected}"
@@ -123,6 +120,7 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
                     assert type(error) is WorkerStartError, f"raised {error!r}, expected WorkerStartError"
                     self.worker_ports, self.killed = [], set()
                     self.ports = list(expected.remaining)
+                    self.next_index = 0
                     return
                 assert type(error) is expected.error, f"raised {error!r}, expected {expected}"
                 return
@@ -149,6 +147,7 @@ def cluster_machine(bed: Bed) -> type[RuleBasedStateMachine]:
         def cleanup(self) -> None:
             self.cluster.cleanup()
             self.master, self.worker_ports, self.killed = None, [], set()
+            self.ports, self.next_index = list(LIST_PORTS), 0
 
         @precondition(lambda self: self.world is not None)
         @rule(data=st.data())

@@ -573,3 +573,17 @@ def test_cleanup_stops_master_after_worker_failure() -> None:
         assert not any(p.program.name == "scheduler" for p in network.processes())
         cluster.cleanup()
         assert network.processes() == []
+
+
+def test_cleanup_gives_back_port_list() -> None:
+    network = sim.Network(2, seed=26)
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS[:4])
+        for _ in range(4):
+            cluster.start(worker_count=2)
+            assert [worker.port for worker in cluster.workers] == PORTS[:2]
+            assert [worker.host for worker in cluster.workers] == group.hosts
+            assert cluster.ports == PORTS[2:4]
+            cluster.cleanup()
+            assert cluster.ports == PORTS[:4]
