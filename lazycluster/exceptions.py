@@ -127,6 +127,8 @@ class PortInUseError(LazyclusterError):
                 where = "the runtime group"
             else:
                 where = "the manager"
+        # Where the port is in use, for example "host(s) 'h1'".
+        self.where = where
         super().__init__(
             f"Port {port} is already in use on {where}. Stop what listens there or "
             "choose another port.",

@@ -635,7 +635,12 @@ class DaskCluster(MasterWorkerCluster):
             try:
                 master.launch(self.DEFAULT_MASTER_PORT)
             except PortInUseError as error:
-                logger.info("%s; starting the scheduler on a port of the port list instead", error)
+                logger.info(
+                    "Default scheduler port %d is taken (%s), so the scheduler starts on a "
+                    "port of the port list",
+                    self.DEFAULT_MASTER_PORT,
+                    error.where,
+                )
                 self._ports = master.launch(self._ports)
 
         workers_before = self._worker_launcher.workers
@@ -645,7 +650,11 @@ class DaskCluster(MasterWorkerCluster):
         except PortInUseError as error:
             if master_port is not None:
                 raise
-            logger.info("%s; starting the scheduler again before the workers", error)
+            logger.info(
+                "Scheduler port %s was taken during the scheduler's start, so the start runs "
+                "again with the scheduler first",
+                error.port,
+            )
             self._worker_launcher.cleanup()
             self._ports = ports_before
             super()._start_master_and_workers(worker_count, master_port, debug)

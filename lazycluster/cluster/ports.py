@@ -107,10 +107,20 @@ def pick_free_ports(
             return chosen, list(candidates[index + 1 :])
 
     raise NoPortsLeftError(
-        f"Only {len(chosen)} of the {len(candidates)} ports in the list are free on every "
-        f"runtime and on the manager, but {count} are needed. Pass a longer port list or "
-        "free some of its ports."
+        f"Only {len(chosen)} of the {len(candidates)} ports left in the port list "
+        f"({describe_ports(candidates)}) are free on every runtime and on the manager, but "
+        f"{count} are needed. Pass a longer port list or free some of its ports."
     )
+
+
+def describe_ports(ports: Sequence[int], limit: int = 6) -> str:
+    """Return `ports` for a message: a range when they are consecutive, else the first few."""
+    if not ports:
+        return "none"
+    if len(ports) > 2 and list(ports) == list(range(ports[0], ports[0] + len(ports))):
+        return f"{ports[0]} to {ports[-1]}"
+    listed = ", ".join(str(port) for port in ports[:limit])
+    return listed + (f" and {len(ports) - limit} more" if len(ports) > limit else "")
 
 
 def find_taken_ports(

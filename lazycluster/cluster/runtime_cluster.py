@@ -407,7 +407,12 @@ class MasterWorkerCluster(RuntimeCluster):
             try:
                 launcher.start(self.DEFAULT_MASTER_PORT, timeout)
             except PortInUseError as error:
-                logger.info("%s; starting the master on a port of the port list instead", error)
+                logger.info(
+                    "Default master port %d is taken (%s), so the master starts on a port "
+                    "of the port list",
+                    self.DEFAULT_MASTER_PORT,
+                    error.where,
+                )
                 self._ports = launcher.start(self._ports, timeout)
 
         if debug:
