@@ -26,6 +26,7 @@ from it too, so `except TimeoutError` or `except ConnectionError` also works::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -174,17 +175,35 @@ class PathCreationError(LazyclusterError):
 class VersionMismatchError(LazyclusterError):
     """A host has a package version that cannot work with the manager's."""
 
-    def __init__(self, host: str, package: str, host_version: str | None, manager_version: str):
+    def __init__(
+        self,
+        host: str,
+        package: str,
+        host_version: str | None,
+        manager_version: str,
+        other_hosts: Sequence[tuple[str, str | None]] = (),
+    ):
         self.host = host
         self.package = package
         self.host_version = host_version
         self.manager_version = manager_version
-        found = f"version {host_version}" if host_version else "no installed version"
+        # (host, version) of every further host with a different version.
+        self.other_hosts = list(other_hosts)
+        others = ""
+        if self.other_hosts:
+            listed = ", ".join(
+                f"{other!r} ({version or 'not installed'})" for other, version in self.other_hosts
+            )
+            others = f" These hosts differ too: {listed}."
         super().__init__(
-            f"Host {host!r} has {found} of {package!r}, but the manager has "
-            f"{manager_version}. Install the same version there, for example "
+            f"Host {host!r} has {_found(host_version)} of {package!r}, but the manager has "
+            f"{manager_version}.{others} Install the same version there, for example "
             f"`ssh {host} python3 -m pip install {package}=={manager_version}`."
         )
+
+
+def _found(version: str | None) -> str:
+    return f"version {version}" if version else "no installed version"
 
 
 class CommandError(LazyclusterError):

@@ -339,9 +339,7 @@ class RoundRobinLauncher(WorkerLauncher):
             raise ValueError("The runtime group is empty: add a runtime before starting workers.")
 
         with self._start_lock:
-            unchecked = [r for r in runtimes if r.host not in self._version_checked_hosts]
-            check_distributed_versions(unchecked)
-            self._version_checked_hosts.update(runtime.host for runtime in unchecked)
+            self._check_versions(runtimes)
 
             manager = self.manager
             busy = find_busy_ports([manager, *remote_transports(self._group)], candidates)
@@ -359,6 +357,19 @@ class RoundRobinLauncher(WorkerLauncher):
             ]
             self._next_index += len(chosen)
             return self._start_placed(manager, master_port, placement, remaining)
+
+    def check_versions(self) -> None:
+        """Raise VersionMismatchError when a runtime's `distributed` differs from the manager's.
+
+        `start()` runs the same check. Each host is checked once per launcher.
+        """
+        with self._start_lock:
+            self._check_versions(list(self._group.runtimes))
+
+    def _check_versions(self, runtimes: list[Any]) -> None:
+        unchecked = [r for r in runtimes if r.host not in self._version_checked_hosts]
+        check_distributed_versions(unchecked)
+        self._version_checked_hosts.update(runtime.host for runtime in unchecked)
 
     def choose_runtime(self, index: int, runtimes: list[Any]) -> Any:
         """Return the runtime for worker `index`: runtime index mod N.
@@ -628,6 +639,9 @@ class DaskCluster(MasterWorkerCluster):
         # Bad timeouts fail here, before anything runs.
         validate_timeout(self.master_start_timeout, "master_start_timeout")
         validate_timeout(self.worker_start_timeout, "worker_start_timeout")
+        # The versions are known since the runtimes connected, so a mismatch
+        # fails here, before the scheduler starts.
+        self._worker_launcher.check_versions()
         ports_before = list(self._ports)
         if master_port is not None:
             master.launch(validate_port(master_port, "master_port"))

@@ -72,11 +72,15 @@ def check_distributed_versions(runtimes: Sequence[Any]) -> None:
         lambda runtime: host_distributed_version(runtime.transport), unknown
     )
     probed_by_host = {runtime.host: found for runtime, found in zip(unknown, probed, strict=True)}
+    mismatches: list[tuple[str, str | None]] = []
     for runtime in remote:
         if runtime.host in probed_by_host:
             host_version = probed_by_host[runtime.host]
         else:
             host_version = runtime.distributed_version
         if host_version != expected:
-            raise VersionMismatchError(runtime.host, PACKAGE, host_version, expected)
+            mismatches.append((runtime.host, host_version))
+    if mismatches:
+        (host, host_version), *others = mismatches
+        raise VersionMismatchError(host, PACKAGE, host_version, expected, others)
     logger.info("Hosts %s have distributed %s", ", ".join(r.host for r in remote), expected)

@@ -587,3 +587,18 @@ def test_cleanup_gives_back_port_list() -> None:
             assert cluster.ports == PORTS[2:4]
             cluster.cleanup()
             assert cluster.ports == PORTS[:4]
+
+
+def test_version_mismatch_names_every_host() -> None:
+    network = sim.Network(3, seed=27)
+    network.host("h2").distributed_version = "2024.1.0"
+    network.host("h3").distributed_version = None
+
+    with simulated_group(network) as group:
+        with pytest.raises(VersionMismatchError, match="'h2' has version 2024.1.0") as raised:
+            DaskCluster(group, ports=PORTS).start()
+
+        assert raised.value.other_hosts == [("h3", None)]
+        assert "'h3' (not installed)" in str(raised.value)
+        # The versions are known at connect, so the scheduler never started.
+        assert not any(event.kind == "process.start" for event in network.trace)
