@@ -54,7 +54,12 @@ from lazycluster.cluster.runtime_cluster import (
     check_worker_count,
 )
 from lazycluster.cluster.versions import check_distributed_versions
-from lazycluster.exceptions import LazyclusterError, NoPortsLeftError, PortInUseError
+from lazycluster.exceptions import (
+    LazyclusterError,
+    NoPortsLeftError,
+    PortInUseError,
+    TransportError,
+)
 from lazycluster.transport import ProcessHandle, Transport, validate_port
 
 if TYPE_CHECKING:
@@ -174,11 +179,52 @@ class LocalMasterLauncher(MasterLauncher):
         """
         if self._process is not None and self._process.is_alive:
             raise LazyclusterError(
-                f"The scheduler already runs at port {self._port}. Call cleanup() before start()."
+                f"The scheduler already runs at port {self._port}. Call cleanup() before "
+                "launch() or start()."
             )
         single = isinstance(ports, int) and not isinstance(ports, bool)
         candidates = [validate_port(ports)] if single else validate_port_list(ports)
 
+        for attempt in range(1, MAX_BIND_ATTEMPTS + 1):
+            port, remaining = self._launch_on_free_port(candidates, single)
+            try:
+                self._expose_to_runtimes(self.manager, port)
+                return remaining
+            except (PortInUseError, TransportError) as error:
+                self.cleanup()
+                # A lost connection is no port problem. A rejected forward is
+                # one: another program, often a second cluster starting on the
+                # same hosts, took the port on a host after the port check.
+                if type(error) not in (PortInUseError, TransportError):
+                    raise
+                if single:
+                    raise PortInUseError(
+                        port, where="a host, taken while the scheduler started"
+                    ) from error
+                if attempt == MAX_BIND_ATTEMPTS:
+                    raise MasterStartError(
+                        self.manager.host,
+                        port,
+                        f"the scheduler's port was taken on a host {attempt} times in a row",
+                        error,
+                    ) from error
+                logger.info(
+                    "Scheduler port %d was taken on a host before its forward opened (%s); "
+                    "trying the next port",
+                    port,
+                    error,
+                )
+                candidates = remaining
+            except BaseException:
+                self.cleanup()
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _launch_on_free_port(self, candidates: list[int], single: bool) -> tuple[int, list[int]]:
+        """Start the scheduler process on the first port of `candidates` free everywhere.
+
+        Returns the port and the candidates after it ([] for a single port).
+        """
         manager = self.manager
         dashboard_candidates = list(DASHBOARD_PORTS) if find_spec(DASHBOARD_MODULE) else []
         busy = find_busy_ports(
@@ -194,12 +240,7 @@ class LocalMasterLauncher(MasterLauncher):
         self._launched_at = manager.clock.monotonic()
         self._process = manager.start_process(scheduler_command(port, dashboard))
         self._port, self._dashboard_port = port, dashboard
-        try:
-            self._expose_to_runtimes(manager, port)
-        except BaseException:
-            self.cleanup()
-            raise
-        return remaining
+        return port, remaining
 
     def wait_until_serving(self, timeout: float) -> None:
         """Wait until the scheduler that `launch()` started serves, bounded by `timeout` seconds.
@@ -209,12 +250,13 @@ class LocalMasterLauncher(MasterLauncher):
         does not listen in time. Either error stops the scheduler and closes
         its tunnels first.
         """
+        timeout = validate_timeout(timeout)
         process, port = self._process, self._port
         if process is None or port is None:
             raise LazyclusterError("The scheduler is not launched. Call launch() first.")
         manager = self.manager
         try:
-            self._wait_until_listening(manager, process, port, validate_timeout(timeout))
+            self._wait_until_listening(manager, process, port, timeout)
             if self._dashboard_port is not None:
                 self._dashboard_port = (
                     dashboard_port_in_log(process.read_log()) or self._dashboard_port

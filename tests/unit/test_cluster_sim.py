@@ -602,3 +602,35 @@ def test_version_mismatch_names_every_host() -> None:
         assert "'h3' (not installed)" in str(raised.value)
         # The versions are known at connect, so the scheduler never started.
         assert not any(event.kind == "process.start" for event in network.trace)
+
+
+def test_scheduler_port_taken_on_host_tries_next() -> None:
+    network = sim.Network(2, seed=28)
+    # h2 reports PORTS[0] free, then another program (say, a second cluster
+    # starting on the same hosts) takes it before the scheduler's forward opens.
+    network.faults.port_race("h2", PORTS[0])
+
+    with simulated_group(network) as group:
+        launcher = LocalMasterLauncher(group)
+
+        remaining = launcher.start(PORTS[:4], timeout=10)
+
+        assert launcher.port == PORTS[1]
+        assert remaining == PORTS[2:4]
+        assert listening_on(network, "h1", PORTS[1])
+        assert listening_on(network, "h2", PORTS[1])
+        launcher.cleanup()
+
+
+def test_explicit_scheduler_port_taken_on_host_raises() -> None:
+    network = sim.Network(2, seed=29)
+    network.faults.port_race("h2", PORTS[0])
+
+    with simulated_group(network) as group:
+        cluster = DaskCluster(group, ports=PORTS[1:])
+
+        with pytest.raises(PortInUseError, match="taken while the scheduler started"):
+            cluster.start(master_port=PORTS[0])
+
+        assert cluster.master_port is None
+        assert network.processes() == []
