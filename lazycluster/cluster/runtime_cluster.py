@@ -374,7 +374,8 @@ class MasterWorkerCluster(RuntimeCluster):
             self._start_master_and_workers(worker_count, master_port, debug)
         except BaseException as error:
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            logger.warning("Cluster start failed, cleaning up: %s", first_line)
+            # INFO, because the error itself reaches the caller.
+            logger.info("Cluster start failed, stopping what it started: %s", first_line)
             self.cleanup()
             raise
 

@@ -237,7 +237,8 @@ class ListeningTunnel(Tunnel):
         self._socket = listen_loopback(listen_port, host)
         self._thread = threading.Thread(target=self._accept_loop, name=name, daemon=True)
         self._thread.start()
-        logger.info(
+        # DEBUG, because a worker mesh opens one per worker and host.
+        logger.debug(
             "Tunnel opened on host %s: %s port %d -> %d", host, kind, listen_port, target_port
         )
 
@@ -293,7 +294,7 @@ class ListeningTunnel(Tunnel):
         if self._thread is not threading.current_thread():
             self._thread.join(JOIN_TIMEOUT)
         self._relays.close()
-        logger.info(
+        logger.debug(
             "Tunnel closed on host %s: %s port %d -> %d",
             self.host,
             self.kind,

@@ -129,7 +129,8 @@ class SSHProcess(ProcessHandle):
             return None
         else:
             self._exit_code = EXIT_KILLED if self._killed else EXIT_UNKNOWN
-        logger.info(
+        # DEBUG, because stop() logs the exit code of every process it stops.
+        logger.debug(
             "Process %d on host %s exited with code %d", self.pid, self.host, self._exit_code
         )
         return self._exit_code

@@ -132,7 +132,7 @@ class RemoteTunnel(Tunnel):
         self._relays.close()
         if not was_forwarded:
             return
-        logger.info(
+        logger.debug(
             "Tunnel closed on host %s: remote port %d -> %d",
             self.host,
             self.listen_port,
