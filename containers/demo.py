@@ -55,8 +55,9 @@ class Timings:
 
     def report(self) -> None:
         print("\nTimings:")
+        width = max(len(name) for name, _ in self.phases) if self.phases else 0
         for name, seconds in self.phases:
-            print(f"  {name:<32} {seconds:7.1f} s")
+            print(f"  {name:<{width}} {seconds:7.1f} s")
 
 
 def generate_text(lines: int = TEXT_LINES) -> list[str]:
