@@ -45,8 +45,14 @@ class WorkerProcess:
 
 
 def check_worker_count(count: object) -> int:
-    """Return `count` when it is an int of at least 1; raise ValueError otherwise."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    """Return `count` when it is an int of at least 1.
+
+    Raises TypeError for another type and ValueError for an int below 1, as
+    `validate_port` does for ports.
+    """
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"Invalid worker count {count!r}: expected an int of at least 1.")
+    if count < 1:
         raise ValueError(f"Invalid worker count {count!r}: expected an int of at least 1.")
     return count
 

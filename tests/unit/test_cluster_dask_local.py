@@ -381,6 +381,10 @@ def test_worker_start_timeout_checked_before_start(
 def test_round_robin_rejects_bad_count(group: RuntimeGroup) -> None:
     with pytest.raises(ValueError, match="worker count 0"):
         RoundRobinLauncher(group).start(0, MASTER_PORT, PORTS)
+    with pytest.raises(TypeError, match="worker count '2'"):
+        RoundRobinLauncher(group).start("2", MASTER_PORT, PORTS)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="worker count True"):
+        RoundRobinLauncher(group).start(True, MASTER_PORT, PORTS)
 
 
 def test_interrupted_start_cleans_up(
