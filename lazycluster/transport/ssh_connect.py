@@ -270,6 +270,12 @@ class Connector:
 # paramiko 5.1 against OpenSSH 9.2 (an estimate on a loaded 2-core machine).
 _PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
+# Bytes and packets after which paramiko requests new keys itself. OpenSSH's
+# packet.c requests them after 2**32 blocks (64 GiB) with a 16-byte block
+# cipher, 1 GiB with smaller blocks, or 2**31 packets, so sshd requests first.
+REKEY_BYTES = 2**37
+REKEY_PACKETS = 2**33
+
 
 def _make_transport(sock: object, disabled_algorithms: object = None) -> paramiko.Transport:
     transport = paramiko.Transport(sock, disabled_algorithms=disabled_algorithms)
@@ -277,6 +283,17 @@ def _make_transport(sock: object, disabled_algorithms: object = None) -> paramik
     available = list(options.ciphers)
     preferred = [name for name in _PREFERRED_CIPHERS if name in available]
     options.ciphers = tuple(preferred + [name for name in available if name not in preferred])
+
+    # paramiko 5.1 requests new keys itself after 512 MiB. Its thread then
+    # replies to a channel close only once the key exchange has ended, and only
+    # that thread can end it. So a close that sshd sent just before our request
+    # stalls the thread for 30 s, after which paramiko drops the connection.
+    # When sshd requests new keys, it sends nothing but the exchange until it
+    # ends, so paramiko's own limits are raised above sshd's as a fallback only.
+    # NOTE: with a server that never requests new keys, the stall remains
+    # possible once paramiko's fallback limit is reached.
+    transport.packetizer.REKEY_BYTES = REKEY_BYTES
+    transport.packetizer.REKEY_PACKETS = REKEY_PACKETS
     return transport
 
 
