@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from paramiko import SSHException
+
 from lazycluster.exceptions import PortInUseError, TransportError
 from lazycluster.transport.base import Tunnel, validate_port
 
@@ -25,6 +27,10 @@ LOOPBACK = "127.0.0.1"
 # Bytes read per call. Large reads keep the per-call overhead of paramiko and of
 # Python small relative to the data moved.
 BUFFER_SIZE = 256 * 1024
+
+# Errors that end a stream. paramiko's channels also raise SSHException, when a
+# send waited longer than paramiko's timeout for a key exchange to end.
+STREAM_ERRORS = (OSError, EOFError, SSHException)
 
 # Seconds to wait for a relay or accept thread to finish after its ends are closed.
 JOIN_TIMEOUT = 5.0
@@ -62,7 +68,7 @@ def validate_pairs(pairs: Iterable[tuple[int, int]], host: str) -> list[tuple[in
 def _shutdown(end: StreamEnd, how: int) -> None:
     try:
         end.shutdown(how)
-    except (OSError, EOFError):
+    except STREAM_ERRORS:
         pass  # the other side already closed this end
 
 
@@ -73,7 +79,7 @@ def close_end(end: StreamEnd) -> None:
     _shutdown(end, socket.SHUT_RDWR)
     try:
         end.close()
-    except (OSError, EOFError):
+    except STREAM_ERRORS:
         pass
 
 
@@ -111,7 +117,7 @@ class StreamRelay:
                 if not data:
                     break
                 target.sendall(data)
-        except (OSError, EOFError) as error:
+        except STREAM_ERRORS as error:
             logger.debug("Relay stream ended: %s", error)
         self._direction_ended(target)
 

@@ -1,6 +1,7 @@
-"""A connection made by lazycluster survives a channel close that crosses a key exchange.
+"""SSH connections and tunnel relays across key exchanges.
 
-paramiko's thread replies to a channel close only after a key exchange that
+A connection made by lazycluster must survive a channel close that crosses a
+key exchange. paramiko's thread replies to a channel close only after a key exchange that
 it requested has ended, and only that thread can end the exchange. The test
 replays the crossing deterministically: an in-process paramiko server plays
 sshd behind a relay that can hold back the server's messages, the server closes
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import paramiko
 import pytest
 
+from lazycluster.transport.channel_relay import relay_stream
 from lazycluster.transport.ssh_connect import _make_transport
 
 # paramiko's default limit of bytes sent, after which it requests new keys itself.
@@ -92,6 +94,14 @@ def gated_connection() -> Iterator[tuple[paramiko.Transport, paramiko.Transport,
         end.close()
 
 
+def read_to_eof(end: socket.socket, timeout: float = 10.0) -> bytes:
+    end.settimeout(timeout)
+    parts = []
+    while data := end.recv(65536):
+        parts.append(data)
+    return b"".join(parts)
+
+
 def open_channel(client: paramiko.Transport, server: paramiko.Transport) -> tuple:
     channel = client.open_channel("direct-tcpip", ("localhost", 1), ("127.0.0.1", 2), timeout=10)
     far_end = server.accept(10)
@@ -149,3 +159,27 @@ def test_server_key_exchange_keeps_tunnels_working(gated_connection):
             time.sleep(0.05)
         assert closing.closed
     assert client.is_active()
+
+
+def test_relay_ends_after_key_exchange_timeout(gated_connection):
+    client, server, _ = gated_connection
+    channel, far_end = open_channel(client, server)
+    application, relayed = connected_pair()
+    done = threading.Event()
+    relay = relay_stream(relayed, channel, "lazycluster-tunnel-rekey-test", lambda _: done.set())
+    relay.start()
+
+    # A key exchange that never ends, as with a host that froze during one:
+    # paramiko holds back every send and raises SSHException after its timeout.
+    client.clear_to_send_timeout = 0.5
+    client.clear_to_send.clear()
+    application.sendall(b"stuck")
+    time.sleep(2.0)
+    client.clear_to_send.set()
+
+    # The far end's data and close still reach the application, and the relay ends.
+    far_end.sendall(b"late")
+    far_end.close()
+    assert read_to_eof(application) == b"late"
+    assert done.wait(10), "the relay did not end after its send to the channel failed"
+    application.close()
