@@ -336,7 +336,7 @@ def test_get_client_timeout_raises_timeout_error(
     ("kwargs", "error"),
     [
         ({"worker_count": 0}, ValueError),
-        ({"worker_count": "2"}, ValueError),
+        ({"worker_count": "2"}, TypeError),
         ({"master_port": 0}, ValueError),
         ({"master_port": "8786"}, TypeError),
     ],
