@@ -145,12 +145,14 @@ def run_dask(args: argparse.Namespace) -> int:
             launcher = LocalMasterLauncher(group)
             cluster = DaskCluster(group, ports=args.ports, master_launcher=launcher)
             _start(cluster, args)
+            # Up from here: a stop signal that arrives while the addresses are
+            # printed is already the normal end, not an interrupted start.
+            is_up = True
 
             print(f"Scheduler: {cluster.scheduler_address}", flush=True)
             print(f"Dashboard: {cluster.dashboard_link or 'not available (install bokeh)'}", flush=True)
             logger.info("Cluster up on hosts %s at %s", ", ".join(group.hosts), cluster.scheduler_address)
             progress("Cluster is up. Press Ctrl-C to stop it.")
-            is_up = True
             _wait_until_stopped(launcher)
         except KeyboardInterrupt as interrupt:
             logger.info("Interrupted by %s, stopping the cluster", str(interrupt) or "SIGINT")
