@@ -21,24 +21,10 @@ import pytest
 
 from lazycluster.transport.channel_relay import relay_stream
 from lazycluster.transport.ssh_connect import _make_transport
+from tests.unit.ssh_server import AcceptAll, tcp_pair
 
 # paramiko's default limit of bytes sent, after which it requests new keys itself.
 PARAMIKO_REKEY_BYTES = paramiko.Packetizer.REKEY_BYTES
-
-
-class AcceptAll(paramiko.ServerInterface):
-    """An SSH server policy that lets anyone in and opens any tunnel channel."""
-
-    def get_allowed_auths(self, username: str) -> str:
-        return "none"
-
-    def check_auth_none(self, username: str) -> int:
-        return paramiko.AUTH_SUCCESSFUL
-
-    def check_channel_direct_tcpip_request(
-        self, chanid: int, origin: tuple[str, int], destination: tuple[str, int]
-    ) -> int:
-        return paramiko.OPEN_SUCCEEDED
 
 
 def copy(source: socket.socket, target: socket.socket, open_gate: threading.Event) -> None:
@@ -51,21 +37,12 @@ def copy(source: socket.socket, target: socket.socket, open_gate: threading.Even
         pass  # the test closed the relay
 
 
-def connected_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server
-
-
 @pytest.fixture
 def gated_connection() -> Iterator[tuple[paramiko.Transport, paramiko.Transport, threading.Event]]:
     """A client transport built as lazycluster builds it, a paramiko server, and
     the gate of the server-to-client direction between them."""
-    client_socket, relay_client_side = connected_pair()
-    relay_server_side, server_socket = connected_pair()
+    client_socket, relay_client_side = tcp_pair()
+    relay_server_side, server_socket = tcp_pair()
     to_server, to_client = threading.Event(), threading.Event()
     to_server.set()
     to_client.set()
@@ -164,7 +141,7 @@ def test_server_key_exchange_keeps_tunnels_working(gated_connection):
 def test_relay_ends_after_key_exchange_timeout(gated_connection):
     client, server, _ = gated_connection
     channel, far_end = open_channel(client, server)
-    application, relayed = connected_pair()
+    application, relayed = tcp_pair()
     done = threading.Event()
     relay = relay_stream(relayed, channel, "lazycluster-tunnel-rekey-test", lambda _: done.set())
     relay.start()
