@@ -920,13 +920,11 @@ def test_forward_remote_to_port_nobody_listens_on(transport):
 
 # Relay semantics: order, half-close, flow control and clean-up of each stream
 
-# One side of a half-close exchange on the host, over a connection it accepts
-# ("listen") or opens ("connect"). Side "A" sends SIZE pattern bytes, half-closes
-# and prints the reply it reads to EOF. Side "B" reads to EOF, then replies with
-# the byte count and SHA-256 of what it read, and prints the same.
-HALF_CLOSE_PEER = """
+# The start of each peer script below: one connection on the host, accepted
+# on port argv[2] ("listen" in argv[1]) or opened to it ("connect").
+PEER_CONNECTION = """
 import hashlib, socket, sys
-role, port, side, size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+role, port = sys.argv[1], int(sys.argv[2])
 if role == "listen":
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -936,6 +934,14 @@ if role == "listen":
     connection, _ = server.accept()
 else:
     connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+"""
+
+# One side of a half-close exchange on the host, over a connection it accepts
+# ("listen") or opens ("connect"). Side "A" sends SIZE pattern bytes, half-closes
+# and prints the reply it reads to EOF. Side "B" reads to EOF, then replies with
+# the byte count and SHA-256 of what it read, and prints the same.
+HALF_CLOSE_PEER = PEER_CONNECTION + """
+side, size = sys.argv[3], int(sys.argv[4])
 connection.settimeout(30)
 def read_all():
     parts = []
@@ -957,18 +963,8 @@ connection.close()
 # Writes a pattern to one connection, accepted ("listen") or opened ("connect"),
 # until a send makes no progress for 3 s or LIMIT bytes are out, then prints
 # "sent COUNT SHA256", half-closes and waits for the peer to close.
-FLOOD_PEER = """
-import hashlib, socket, sys
-role, port, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-if role == "listen":
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("127.0.0.1", port))
-    server.listen(1)
-    print("listening", flush=True)
-    connection, _ = server.accept()
-else:
-    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+FLOOD_PEER = PEER_CONNECTION + """
+limit = int(sys.argv[3])
 connection.settimeout(3)
 block = bytes(index % 253 for index in range(1 << 20))
 digest, sent = hashlib.sha256(), 0
