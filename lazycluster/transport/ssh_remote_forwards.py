@@ -83,7 +83,7 @@ class RemoteTunnel(Tunnel):
         self.last_error: BaseException | None = None
         self._relays = RelaySet(f"lazycluster-tunnel-{owner.host}-{listen_port}", relay_stream)
         # Whether the last incoming stream found the manager's target port closed.
-        self._refusing = False
+        self._target_closed = False
         self._closed = False
 
     def accept(self, channel: paramiko.Channel) -> None:
@@ -100,8 +100,8 @@ class RemoteTunnel(Tunnel):
             # A server that is still starting refuses every few milliseconds
             # (Dask workers retry at once), so only the first refusal of a streak is
             # logged above DEBUG. The client at the other end gets each refusal anyway.
-            level = logging.DEBUG if self._refusing else logging.INFO
-            self._refusing = True
+            level = logging.DEBUG if self._target_closed else logging.INFO
+            self._target_closed = True
             logger.log(
                 level,
                 "Tunnel on host %s failed to connect port %d -> manager port %d: %s",
@@ -112,7 +112,7 @@ class RemoteTunnel(Tunnel):
             )
             close_end(channel)
             return
-        self._refusing = False
+        self._target_closed = False
         self._relays.relay(channel, sock)
 
     @property

@@ -5,7 +5,7 @@ key exchange. paramiko's thread replies to a channel close only after a key exch
 it requested has ended, and only that thread can end the exchange. The test
 replays the crossing deterministically: an in-process paramiko server plays
 sshd behind a relay that can hold back the server's messages, the server closes
-a channel while the relay holds its messages, and meanwhile the client's
+a channel while the relay keeps its messages back, and meanwhile the client's
 packetizer reaches paramiko's rekey limit.
 """
 
