@@ -58,7 +58,9 @@ def run_labelled(label: str) -> list[object]:
     # Imported here so that `-m "not docker"` collects this file without the Docker SDK.
     import docker
 
-    return docker.from_env().containers.list(all=True, filters={"label": label})
+    # sparse: without it the SDK inspects each listed container, which fails
+    # with NotFound when the harness removes one between the list and the inspect.
+    return docker.from_env().containers.list(all=True, sparse=True, filters={"label": label})
 
 
 # Image and start-up.
