@@ -26,6 +26,7 @@ from lazycluster.exceptions import (
     HostUnreachableError,
     TransportError,
 )
+from lazycluster.transport.ssh_channel_guard import GuardedTransport
 from lazycluster.transport.ssh_config import (
     GLOBAL_KNOWN_HOSTS,
     HOST_KEY_POLICIES,
@@ -278,7 +279,7 @@ REKEY_PACKETS = 2**33
 
 
 def _make_transport(sock: object, disabled_algorithms: object = None) -> paramiko.Transport:
-    transport = paramiko.Transport(sock, disabled_algorithms=disabled_algorithms)
+    transport = GuardedTransport(sock, disabled_algorithms=disabled_algorithms)
     options = transport.get_security_options()
     available = list(options.ciphers)
     preferred = [name for name in _PREFERRED_CIPHERS if name in available]

@@ -58,9 +58,13 @@ class ExecOutcome:
     timed_out: bool = False
 
 
-def wrap_script(script: str) -> str:
-    """Return the exec request that runs `script` with /bin/sh after printing the pid marker."""
-    marked = f"echo {PID_MARKER.decode().strip()} $$\n{script}"
+def wrap_script(script: str, *, with_input: bool = True) -> str:
+    """Return the exec request that runs `script` with /bin/sh after printing the pid marker.
+
+    Without input, the script reads /dev/null instead of the channel.
+    """
+    stdin = "" if with_input else "exec </dev/null\n"
+    marked = f"echo {PID_MARKER.decode().strip()} $$\n{stdin}{script}"
     return f"exec /bin/sh -c {shlex.quote(marked)}"
 
 
@@ -135,12 +139,15 @@ def _execute_on(
     deadline: float | None,
     clock: Clock,
 ) -> ExecOutcome:
-    channel.exec_command(wrap_script(script))
-    if stdin:
+    # A command without input gets no EOF from us. A short command often ends
+    # before that EOF is out, and an EOF after sshd closed the channel is a
+    # protocol error that GuardedTransport would have to drop.
+    channel.exec_command(wrap_script(script, with_input=stdin is not None))
+    if stdin is not None:
         # NOTE: stdin is sent in full before output is read, so a command that
         # writes megabytes before it reads its input can stall on the SSH window.
         channel.sendall(stdin)
-    channel.shutdown_write()
+        channel.shutdown_write()
 
     stderr_chunks: list[bytes] = []
     stderr_lines = LineSplitter(on_output) if on_output else None

@@ -903,6 +903,50 @@ def test_forward_local_to_port_nobody_listens_on(transport, caplog):
     tunnel.close()
 
 
+# A server for the host that resets every connection after its first bytes.
+RESETTING_SERVER = """
+import socket, struct, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen(128)
+print("listening", flush=True)
+while True:
+    connection, _ = server.accept()
+    connection.recv(1000)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
+"""
+
+
+def test_forward_local_peer_reset_keeps_connection(transport, host, caplog):
+    # sshd closes a tunnel's channel when the host side resets, while the
+    # manager side is still sending. Data that reaches sshd after our reply to
+    # that close is a protocol error for sshd, which would then drop the
+    # connection with every other tunnel of the host.
+    host_port, manager_port = free_port(), free_port()
+    server = transport.start_process([REAL_PYTHON, "-c", RESETTING_SERVER, str(host_port)])
+    assert wait_for(lambda: "listening" in server.read_log()), server.read_log()
+    transport.forward_local([(manager_port, host_port)])
+    protocol_errors_before = host.logs(tail=10_000).count("nonexistent channel")
+
+    def send_until_reset(_: int) -> None:
+        for _ in range(40):
+            try:
+                with socket.create_connection(("127.0.0.1", manager_port), timeout=10) as client:
+                    for _ in range(8):
+                        client.sendall(bytes(1 << 20))
+            except OSError:
+                pass  # the reset, as expected
+
+    with caplog.at_level(logging.WARNING, logger="lazycluster.transport.ssh"):
+        transport.clock.map(send_until_reset, range(8))
+        assert transport.run(["echo", "alive"]).stdout == "alive\n"
+
+    assert host.logs(tail=10_000).count("nonexistent channel") == protocol_errors_before
+    assert not [record.getMessage() for record in caplog.records]
+
+
 def test_forward_remote_to_port_nobody_listens_on(transport):
     host_port, manager_port = free_port(), free_port()
     (tunnel,) = transport.forward_remote([(host_port, manager_port)])
@@ -1528,14 +1572,23 @@ def test_close_frees_many_remote_forwards(ssh_backend, host, nothing_left):
     assert leftovers.is_clean, str(leftovers)
 
 
-def test_run_output_complete_under_load(transport):
+def test_run_output_complete_under_load(transport, host, caplog):
     # Output that arrives together with EOF must not be lost, on either stream.
+    # Commands this short often end before their EOF from us is on the wire,
+    # which must not make sshd drop the connection (paramiko could send that
+    # EOF after the channel's close, a protocol error for sshd).
     def run_once(index: int) -> tuple[str, str]:
         result = transport.run(f"printf 'out{index}'; printf 'err{index}' >&2")
         return result.stdout, result.stderr
 
-    results = transport.clock.map(run_once, range(300))
-    assert results == [(f"out{index}", f"err{index}") for index in range(300)]
+    protocol_errors_before = host.logs(tail=10_000).count("nonexistent channel")
+    with caplog.at_level(logging.WARNING, logger="lazycluster.transport.ssh"):
+        for _ in range(5):
+            results = transport.clock.map(run_once, range(300))
+            assert results == [(f"out{index}", f"err{index}") for index in range(300)]
+
+    assert host.logs(tail=10_000).count("nonexistent channel") == protocol_errors_before
+    assert not [record.getMessage() for record in caplog.records]
 
 
 def test_start_process_unwritable_log_raises(transport):
