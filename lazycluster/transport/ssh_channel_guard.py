@@ -70,8 +70,16 @@ class GuardedTransport(paramiko.Transport):
         # paramiko's own send lock is taken inside; waits behind this one are
         # the ones that paramiko's lock would have caused.
         with self._send_order:
+            # paramiko closes each channel once, so a close always belongs to
+            # a channel that is still open at sshd, possibly one that reuses
+            # the number.
+            if kind == _CHANNEL_CLOSE:
+                self._closed_peer_channels.add(peer_channel)
+                super()._send_user_message(data)
+                return
+
             if peer_channel in self._closed_peer_channels:
-                if kind == _CHANNEL_CLOSE or not self._has_open_channel(peer_channel):
+                if not self._has_open_channel(peer_channel):
                     logger.debug(
                         "Dropped SSH message %d for channel %d after its close",
                         kind,
@@ -79,8 +87,6 @@ class GuardedTransport(paramiko.Transport):
                     )
                     return
                 self._closed_peer_channels.discard(peer_channel)
-            if kind == _CHANNEL_CLOSE:
-                self._closed_peer_channels.add(peer_channel)
             super()._send_user_message(data)
 
     def _has_open_channel(self, peer_channel: int) -> bool:

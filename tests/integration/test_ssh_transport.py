@@ -946,6 +946,19 @@ def test_forward_local_peer_reset_keeps_connection(transport, host, caplog):
     assert host.logs(tail=10_000).count("nonexistent channel") == protocol_errors_before
     assert not [record.getMessage() for record in caplog.records]
 
+    # sshd gives the freed channel numbers to new channels. A channel that is
+    # closed before it sent anything (here: its manager port refuses) must
+    # still close at sshd, so the host's client sees EOF.
+    (refused,) = transport.forward_remote([(free_port(), free_port())])
+    client = (
+        "import socket, sys\n"
+        "for _ in range(10):\n"
+        "    s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)\n"
+        "    print(repr(s.recv(10)))\n"
+    )
+    result = transport.run([REAL_PYTHON, "-c", client, str(refused.listen_port)], timeout=60)
+    assert result.stdout.split() == ["b''"] * 10
+
 
 def test_forward_remote_to_port_nobody_listens_on(transport):
     host_port, manager_port = free_port(), free_port()
