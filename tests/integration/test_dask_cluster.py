@@ -181,6 +181,52 @@ def test_rechunk_moves_data_between_workers(group: RuntimeGroup) -> None:
         assert len(ran_on) == 3
 
 
+def test_dropped_connection_mid_computation(group: RuntimeGroup, ssh_hosts: Any) -> None:
+    # A host whose SSH connection drops takes its workers with it: their
+    # tunnels to the scheduler close, and they shut down. Dask reruns their
+    # tasks on the others, and cleanup() reconnects to clean the host.
+    dropped = ssh_hosts[1]
+
+    # Nested, so that it travels by value: the hosts cannot import this module.
+    def slow_negate(value: int) -> int:
+        import time
+
+        time.sleep(0.05)
+        return -value
+
+    cluster = DaskCluster(group, ports=PORTS)
+    cluster.start(worker_count=6)
+    client = cluster.get_client(timeout=10)
+    futures = client.map(slow_negate, range(200), pure=False)
+    total = client.submit(sum, futures, pure=False)
+    deadline = time.monotonic() + 30
+    while sum(future.done() for future in futures) < 20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    # The sshd processes of a session end the connection when killed, as a
+    # cut network or a restarted sshd would.
+    sessions = [
+        int(line.split()[0])
+        for line in dropped.exec(["ps", "-eo", "pid=,args="]).check().stdout.splitlines()
+        if line.split(None, 1)[1].startswith(f"sshd: {dropped.user}")
+    ]
+    assert sessions, "no SSH session on the host"
+    assert not total.done(), "the computation ended before the connection dropped"
+    for pid in sessions:
+        dropped.kill_process(pid)
+
+    assert total.result(timeout=120) == -sum(range(200))
+    deadline = time.monotonic() + 30
+    while len(registered_workers(cluster)) > 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(registered_workers(cluster)) == 4
+
+    started = time.monotonic()
+    cluster.cleanup()
+    assert time.monotonic() - started < 30
+    assert_manager_ports_free(PORTS)
+
+
 def test_word_count_over_all_workers(group: RuntimeGroup) -> None:
     import dask.bag as db
 
