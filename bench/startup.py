@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bench.context import CONTAINER_SSH_PORT, Context, container_address
+from bench.cpu import ROLES, cpu_by_role
 from bench.docker_exec import ExecProcess
 from bench.report import Section, at_most
 from bench.stats import Sample
@@ -32,6 +33,17 @@ MAX_ATTEMPTS = 3
 
 # The image's python3 on PATH, as the library and SSHCluster both use it.
 REMOTE_PYTHON = "python3"
+
+
+def batch_counts(client: Any) -> tuple[int, int]:
+    """Return the batches the scheduler has sent so far to all workers and to all clients."""
+
+    def count(dask_scheduler: Any) -> tuple[int, int]:
+        to_workers = sum(stream.batch_count for stream in dask_scheduler.stream_comms.values())
+        to_clients = sum(stream.batch_count for stream in dask_scheduler.client_comms.values())
+        return to_workers, to_clients
+
+    return tuple(client.run_on_scheduler(count))
 
 
 def map_and_sum(client: Any) -> float:
@@ -233,16 +245,48 @@ def alternate(
     return seconds
 
 
+def batch_note(ours: tuple[float, ...] | None, theirs: tuple[float, ...] | None) -> str:
+    """Describe the scheduler's batches per map of both clusters, from Dask's own counters."""
+    if not ours or not theirs:
+        return ""
+    return (
+        f"Per map, the scheduler sent {ours[0]:.0f} batches to the workers and {ours[1]:.0f} to "
+        f"the client with lazycluster, against {theirs[0]:.0f} and {theirs[1]:.0f} with "
+        "SSHCluster (BatchedSend counters of distributed, same messages in both). Its batching "
+        "waits a few milliseconds after each send, so how the messages arrive, which the "
+        "tunnels change, decides how many batches it sends; each costs CPU on both ends."
+    )
+
+
 def measure(context: Context, section: Section) -> None:
     measure_floor(context, section)
 
     ours, theirs = Ours(context), DaskSSHCluster(context)
     map_seconds: dict[str, Sample] = {}
+    map_cpu: dict[str, dict[str, Sample]] = {}
+    map_batches: dict[str, tuple[float, ...]] = {}
+    container_ids = [host.container.id for host in context.hosts]
 
     def run_map(system: Any) -> None:
         client = system.client()
         map_and_sum(client)  # warm-up: the workers import what the tasks need
-        map_seconds[system.name] = Sample(tuple(map_and_sum(client) for _ in range(context.runs(5))))
+        seconds, cpu = [], []
+        batches_before = batch_counts(client)
+        for _ in range(context.runs(5)):
+            # The process scan runs between maps, outside the timed part.
+            before = cpu_by_role(container_ids)
+            seconds.append(map_and_sum(client))
+            after = cpu_by_role(container_ids)
+            cpu.append({role: after[role] - before[role] for role in ROLES})
+        batches_after = batch_counts(client)
+        map_batches[system.name] = tuple(
+            (after - before) / len(seconds) for before, after in zip(batches_before, batches_after, strict=True)
+        )
+        map_seconds[system.name] = Sample(tuple(seconds))
+        map_cpu[system.name] = {
+            role: Sample(tuple(run[role] for run in cpu)) for role in ROLES
+        }
+        map_cpu[system.name]["all"] = Sample(tuple(sum(run.values()) for run in cpu))
 
     # One untimed start of each, so both run with warm caches on the hosts.
     failures: list[str] = []
@@ -257,6 +301,14 @@ def measure(context: Context, section: Section) -> None:
 
     section.add("map-ours", f"map of {MAP_TASKS:,} tasks + sum, 3 × 2: lazycluster", map_seconds[ours.name])
     section.add("map-ssh", f"map of {MAP_TASKS:,} tasks + sum, 3 × 2: Dask SSHCluster", map_seconds[theirs.name])
+    for key, system in (("ours", ours), ("ssh", theirs)):
+        for role in (*ROLES, "all"):
+            label = "all four roles" if role == "all" else role
+            section.add(
+                f"map-cpu-{key}-{role}",
+                f"CPU per map, {label}: {'lazycluster' if key == 'ours' else 'Dask SSHCluster'}",
+                map_cpu[system.name][role],
+            )
 
     section.ratio("Start-up 3 × 2: lazycluster / floor (one worker)", "ours-3x2", "floor")
     section.ratio("Start-up 3 × 2: lazycluster / floor (3 × 2 by docker exec)", "ours-3x2", "floor-3x2")
@@ -265,6 +317,7 @@ def measure(context: Context, section: Section) -> None:
     section.ratio("Start-up 3 × 8: lazycluster / floor (3 × 8 by docker exec)", "ours-3x8", "floor-3x8")
     section.ratio("Start-up 3 × 8: lazycluster / SSHCluster", "ours-3x8", "ssh-3x8", at_most(0.8))
     section.ratio("map + sum: lazycluster / SSHCluster", "map-ours", "map-ssh", at_most(1.1))
+    section.ratio("CPU per map, all four roles: lazycluster / SSHCluster", "map-cpu-ours-all", "map-cpu-ssh-all")
     if failures:
         section.note(
             f"{len(failures)} start(s) failed in this run and were retried; their time is not in the "
@@ -288,10 +341,13 @@ def measure(context: Context, section: Section) -> None:
         "On 2 cores it is bound by CPU: the workers, the scheduler and, for lazycluster, the "
         "tunnels share them. Each scheduler-worker message of lazycluster crosses a paramiko "
         "tunnel relayed by threads in the manager's Python process (the same process as the "
-        "client), then sshd. In profiled runs that process spent about 0.27 s of CPU per map, "
-        "against 0.07 s with SSHCluster, whose scheduler reaches its workers over the Docker "
-        "bridge directly. The relay writes incoming channel data to the socket on paramiko's own "
-        "thread, which saved about a tenth of that."
+        "client), then sshd. SSHCluster's scheduler reaches its workers over the Docker bridge "
+        "directly. The CPU figures split each map's CPU by role: this process (the Dask client, "
+        "and for lazycluster the tunnels), the scheduler, the workers (with SSHCluster's Nannies) "
+        "and sshd in the containers. With the client moved to a process of its own, the "
+        "tunnels alone used about 0.2 s of CPU per map in one profiled run, mostly paramiko's "
+        "packet handling in Python. "
+        + batch_note(map_batches.get(ours.name), map_batches.get(theirs.name))
     )
     section.note(
         "lazycluster launches the scheduler on the manager, forwards its port to the hosts and "
