@@ -35,14 +35,19 @@ from lazycluster.transport.ssh import SSHBackend, SSHTransport
 REAL_PYTHON = "/usr/bin/python3"
 HOST_TMP = "/tmp"  # noqa: S108 - the temp folder inside the test containers
 
-# A TCP echo server for the host: prints "listening", then echoes every connection.
-ECHO_SERVER = """
-import socket, sys, threading
+# The start of each server script for the host: listens on port argv[1] and
+# prints "listening".
+SERVER_PRELUDE = """
+import socket, struct, sys, threading
 server = socket.socket()
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 server.bind(("127.0.0.1", int(sys.argv[1])))
-server.listen(64)
+server.listen(128)
 print("listening", flush=True)
+"""
+
+# A TCP echo server for the host that echoes every connection.
+ECHO_SERVER = SERVER_PRELUDE + """
 def echo(connection):
     with connection:
         while True:
@@ -904,13 +909,7 @@ def test_forward_local_to_port_nobody_listens_on(transport, caplog):
 
 
 # A server for the host that resets every connection after its first bytes.
-RESETTING_SERVER = """
-import socket, struct, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", int(sys.argv[1])))
-server.listen(128)
-print("listening", flush=True)
+RESETTING_SERVER = SERVER_PRELUDE + """
 while True:
     connection, _ = server.accept()
     connection.recv(1000)
