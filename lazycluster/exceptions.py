@@ -182,6 +182,7 @@ class VersionMismatchError(LazyclusterError):
         host_version: str | None,
         manager_version: str,
         other_hosts: Sequence[tuple[str, str | None]] = (),
+        login: str | None = None,
     ):
         self.host = host
         self.package = package
@@ -198,7 +199,7 @@ class VersionMismatchError(LazyclusterError):
         super().__init__(
             f"Host {host!r} has {_found(host_version)} of {package!r}, but the manager has "
             f"{manager_version}.{others} Install the same version there, for example "
-            f"`ssh {host} python3 -m pip install {package}=={manager_version}`."
+            f"`{login or f'ssh {host}'} python3 -m pip install {package}=={manager_version}`."
         )
 
 

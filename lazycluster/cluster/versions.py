@@ -82,5 +82,8 @@ def check_distributed_versions(runtimes: Sequence[Any]) -> None:
             mismatches.append((runtime.host, host_version))
     if mismatches:
         (host, host_version), *others = mismatches
-        raise VersionMismatchError(host, PACKAGE, host_version, expected, others)
+        first = next(runtime for runtime in remote if runtime.host == host)
+        raise VersionMismatchError(
+            host, PACKAGE, host_version, expected, others, login=first.transport.login_command()
+        )
     logger.info("Hosts %s have distributed %s", ", ".join(r.host for r in remote), expected)

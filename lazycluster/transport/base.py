@@ -232,6 +232,10 @@ class Transport(ABC):
     def close(self) -> None:
         """Stop every process and tunnel this transport started, then disconnect."""
 
+    def login_command(self) -> str:
+        """Return the shell command a user would type to log in to this host, for hints."""
+        return f"ssh {shlex.quote(self.host)}"
+
     def __enter__(self) -> Transport:
         return self
 

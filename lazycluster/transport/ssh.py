@@ -46,7 +46,11 @@ from lazycluster.transport.forwarding import (
 )
 from lazycluster.transport.local import LocalTransport
 from lazycluster.transport.shell import build_script, validate_env
-from lazycluster.transport.ssh_config import SSHConfigFile, default_config_path
+from lazycluster.transport.ssh_config import (
+    DEFAULT_CONFIG_PATH,
+    SSHConfigFile,
+    default_config_path,
+)
 from lazycluster.transport.ssh_connect import Connection, Connector
 from lazycluster.transport.ssh_exec import (
     CHANNEL_OPEN_TIMEOUT,
@@ -137,6 +141,13 @@ class SSHTransport(Transport):
         self._closed = False
         self._connection: Connection = connector.open(host, self._connection_kwargs)
         self._log_connected()
+
+    def login_command(self) -> str:
+        # `ssh ALIAS` alone would read ~/.ssh/config, where the alias may be unknown.
+        config_path = self._connector.config.path
+        if config_path == os.path.expanduser(DEFAULT_CONFIG_PATH):
+            return super().login_command()
+        return f"ssh -F {shlex.quote(config_path)} {shlex.quote(self.host)}"
 
     def _log_connected(self) -> None:
         settings = self._connection.settings

@@ -453,11 +453,14 @@ def test_version_mismatch_on_real_host(make_ssh_hosts: Any) -> None:
         try:
             with pytest.raises(
                 VersionMismatchError, match=f"'{host.alias}' has no installed version"
-            ):
+            ) as raised:
                 DaskCluster(group, ports=PORTS).start(master_port=MASTER_PORT)
         finally:
             group.cleanup()
             backend.close()
 
+    # The hint logs in with the same SSH config, which `ssh` alone would not read.
+    login = f"ssh -F {hosts.ssh_config_path} {host.alias}"
+    assert f"`{login} python3 -m pip install distributed==" in str(raised.value)
     assert host.leftovers(temp_pattern=TEMP_PATTERN).is_clean
     assert_manager_ports_free([MASTER_PORT, *PORTS[:1]])

@@ -186,6 +186,7 @@ def test_version_mismatch_stops_scheduler() -> None:
             DaskCluster(group, ports=PORTS).start()
 
         assert raised.value.host_version == "2024.1.0"
+        assert "`ssh h2 python3 -m pip install distributed==" in str(raised.value)
         assert network.processes() == []
 
 
