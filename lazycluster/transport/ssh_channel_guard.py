@@ -1,4 +1,6 @@
-"""A paramiko transport that sends nothing on a channel after its close.
+"""A paramiko transport that keeps two orderings paramiko leaves to its callers.
+
+First, it sends nothing on a channel after the channel's close.
 
 paramiko builds a channel's messages under the channel's lock but sends them
 after releasing it. When sshd closes a channel, paramiko's thread replies with
@@ -14,6 +16,10 @@ channels it sent a close for, and drops later messages to them.
 NOTE: a message is matched to its channel by the peer's channel number only.
 A message held up for longer than sshd takes to free that number and give it
 to a new channel of ours still reaches the new channel.
+
+Second, it makes global requests that want a reply take turns. paramiko hands
+each reply to the latest caller that waits, so a keepalive sent while a port
+forwarding request waits would have its reply taken for the forwarding's.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ class GuardedTransport(paramiko.Transport):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._send_order = threading.Lock()
+        # Held while waiting for a global reply. Reentrant, so that a caller may
+        # hold it around its own bounded wait (see ssh_alive).
+        self.global_requests = threading.RLock()
         # Peer channel numbers we sent a close for. sshd reuses a number once
         # both sides closed it, so an open channel with that number is a new one.
         self._closed_peer_channels: set[int] = set()
@@ -88,6 +97,13 @@ class GuardedTransport(paramiko.Transport):
                     return
                 self._closed_peer_channels.discard(peer_channel)
             super()._send_user_message(data)
+
+    def global_request(self, kind: str, data: object = None, wait: bool = True) -> object:
+        if not wait:
+            # No reply comes, so nothing waits for one.
+            return super().global_request(kind, data, wait)
+        with self.global_requests:
+            return super().global_request(kind, data, wait)
 
     def _has_open_channel(self, peer_channel: int) -> bool:
         # A channel still waiting for its open confirmation is not active and

@@ -13,7 +13,9 @@ import glob
 import os
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import paramiko
 
@@ -50,6 +52,12 @@ class HostSettings:
     identity_files: tuple[str, ...] = ()
     identities_only: bool = False
     connect_timeout: float | None = None
+    # Seconds between keepalives that want a reply, and how many may go
+    # unanswered before the connection counts as dead (ServerAliveInterval and
+    # ServerAliveCountMax). OpenSSH sends none by default. lazycluster keeps
+    # tunnels for hours, so it checks every 15 s unless the config sets 0.
+    server_alive_interval: int = 15
+    server_alive_count_max: int = 3
     strict_host_key_checking: str = "yes"
     known_hosts_files: tuple[str, ...] = field(default=DEFAULT_KNOWN_HOSTS)
     proxy_jump: tuple[JumpHost, ...] = ()
@@ -109,6 +117,8 @@ class SSHConfigFile:
         )
 
         timeout = options.get("connecttimeout")
+        alive_interval = _whole_number(alias, options, "ServerAliveInterval", 15, minimum=0)
+        alive_count = _whole_number(alias, options, "ServerAliveCountMax", 3, minimum=1)
         return HostSettings(
             alias=alias,
             hostname=options.get("hostname", alias),
@@ -119,11 +129,32 @@ class SSHConfigFile:
             ),
             identities_only=options.get("identitiesonly", "no").lower() == "yes",
             connect_timeout=float(timeout) if timeout else None,
+            server_alive_interval=alive_interval,
+            server_alive_count_max=alive_count,
             strict_host_key_checking=policy,
             known_hosts_files=tuple(os.path.expanduser(path) for path in known_hosts),
             proxy_jump=parse_proxy_jump(options.get("proxyjump", "")),
             in_config=in_config,
         )
+
+
+def _whole_number(
+    alias: str, options: Mapping[str, Any], keyword: str, default: int, minimum: int
+) -> int:
+    """Return the config's whole-number `keyword` for `alias`, or `default` when unset."""
+    text = options.get(keyword.lower())
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(
+            f"Invalid {keyword} {text!r} for host {alias!r} in the SSH config: expected a "
+            f"whole number of at least {minimum}. Fix the value or remove the line."
+        )
+    return value
 
 
 def parse_proxy_jump(value: str) -> tuple[JumpHost, ...]:

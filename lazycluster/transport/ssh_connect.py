@@ -26,6 +26,7 @@ from lazycluster.exceptions import (
     HostUnreachableError,
     TransportError,
 )
+from lazycluster.transport.ssh_alive import AliveCheck
 from lazycluster.transport.ssh_channel_guard import GuardedTransport
 from lazycluster.transport.ssh_config import (
     GLOBAL_KNOWN_HOSTS,
@@ -39,10 +40,6 @@ logger = logging.getLogger(__name__)
 
 # Seconds for the TCP connect and each handshake step when the config sets no ConnectTimeout.
 DEFAULT_CONNECT_TIMEOUT = 30.0
-
-# Seconds between keepalive messages, so that idle tunnels survive NAT and
-# firewall timeouts and a dead peer is noticed.
-KEEPALIVE_INTERVAL = 15
 
 # Handshake attempts when sshd drops a connection before its banner, as it does
 # for connections beyond its MaxStartups limit. The delay doubles per attempt.
@@ -76,6 +73,17 @@ class Connection:
         # transport reports is_active() False.
         self.transport: paramiko.Transport = transport
 
+        # The keepalives also keep idle tunnels alive through NAT and firewall
+        # timeouts, on the jump hosts' connections too, which carry this one.
+        self._alive: AliveCheck | None = None
+        if self.settings.server_alive_interval > 0:
+            self._alive = AliveCheck(
+                self.settings.alias,
+                transport,
+                self.settings.server_alive_interval,
+                self.settings.server_alive_count_max,
+            )
+
     def close(self) -> None:
         for client in [self.client, *self.jump_clients]:
             transport = client.get_transport()
@@ -84,6 +92,8 @@ class Connection:
             # for it means a closed connection leaves no thread behind.
             if transport is not None and transport is not threading.current_thread():
                 transport.join(THREAD_JOIN_TIMEOUT)
+        if self._alive is not None:
+            self._alive.stop()
 
 
 class Connector:
@@ -260,9 +270,6 @@ class Connector:
             _raise_mapped(settings, error, options)
             raise
 
-        transport = client.get_transport()
-        assert transport is not None
-        transport.set_keepalive(KEEPALIVE_INTERVAL)
         return client
 
 

@@ -41,24 +41,32 @@ T = TypeVar("T")
 
 
 def wait_for_reply(
-    transport: paramiko.Transport, host: str, action: str, call: Callable[[], T]
+    transport: paramiko.Transport,
+    host: str,
+    action: str,
+    call: Callable[[], T],
+    timeout: float | None = None,
 ) -> T:
-    """Return `call()`, closing `transport` when sshd has not replied within REPLY_TIMEOUT.
+    """Return `call()`, closing `transport` when sshd has not replied within `timeout` seconds.
+
+    `timeout` defaults to REPLY_TIMEOUT.
 
     A closed transport ends paramiko's wait for the reply, so `call` returns
     or raises soon after.
     """
+
+    limit = REPLY_TIMEOUT if timeout is None else timeout
 
     def give_up() -> None:
         logger.warning(
             "Host %s did not reply to %s within %g s; closing its connection",
             host,
             action,
-            REPLY_TIMEOUT,
+            limit,
         )
         transport.close()
 
-    timer = threading.Timer(REPLY_TIMEOUT, give_up)
+    timer = threading.Timer(limit, give_up)
     timer.daemon = True
     timer.start()
     try:

@@ -6,7 +6,9 @@ so every wait for a reply must have a bound of its own.
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,3 +69,51 @@ def test_command_on_frozen_host_raises_connection_lost(
     # The closed connection is replaced on the next call once the host responds again.
     assert transport.run(["true"]).ok
     transport.close()
+
+
+def test_running_command_on_frozen_host_ends(make_ssh_hosts: Any, tmp_path: Path) -> None:
+    # A command that already runs when its host freezes gets no more output
+    # and no EOF; only the unanswered keepalives end its wait.
+    hosts = make_ssh_hosts(1)
+    config = tmp_path / "config"
+    config.write_text(
+        hosts.ssh_config_path.read_text()
+        + "\nHost *\n    ServerAliveInterval 1\n    ServerAliveCountMax 2\n"
+    )
+    transport = SSHBackend(ssh_config_path=str(config), resolve_unknown_hosts=False).connect(
+        hosts[0].alias
+    )
+    try:
+        # Keepalives that get replies leave a quiet command alone.
+        assert transport.run(["sleep", "3"]).ok
+
+        errors: list[BaseException] = []
+
+        def run_quiet_command() -> None:
+            try:
+                transport.run(["sleep", "120"])
+            except BaseException as error:
+                errors.append(error)
+
+        waiter = threading.Thread(target=run_quiet_command)
+        waiter.start()
+        time.sleep(0.5)
+        hosts[0].pause()
+        try:
+            started = time.monotonic()
+            waiter.join(1 + 2 + MARGIN)
+            elapsed = time.monotonic() - started
+        finally:
+            hosts[0].unpause()
+
+        assert not waiter.is_alive(), "the command still waits on the frozen host"
+        assert elapsed < 1 + 2 + MARGIN, elapsed
+        assert len(errors) == 1
+        assert isinstance(errors[0], ConnectionLostError), repr(errors[0])
+        assert hosts[0].alias in str(errors[0])
+
+        # The next call connects again.
+        assert transport.run(["true"]).ok
+    finally:
+        transport.close()
+

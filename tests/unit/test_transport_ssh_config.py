@@ -131,6 +131,30 @@ def test_strict_host_key_checking_values(tmp_path):
     assert config.resolve("c").strict_host_key_checking == "no"
 
 
+def test_server_alive_defaults_and_values(tmp_path):
+    config_path = tmp_path / "config"
+    config_path.write_text(
+        "Host quick\n  ServerAliveInterval 2\n  ServerAliveCountMax 5\n"
+        "Host off\n  ServerAliveInterval 0\n"
+    )
+    config = SSHConfigFile(str(config_path))
+    assert (config.resolve("plain").server_alive_interval, config.resolve("plain").server_alive_count_max) == (15, 3)
+    assert (config.resolve("quick").server_alive_interval, config.resolve("quick").server_alive_count_max) == (2, 5)
+    assert config.resolve("off").server_alive_interval == 0
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["ServerAliveInterval -1", "ServerAliveInterval soon", "ServerAliveCountMax 0"],
+)
+def test_server_alive_invalid_values_raise(tmp_path, line):
+    config_path = tmp_path / "config"
+    config_path.write_text(f"Host h\n  {line}\n")
+    keyword, value = line.split()
+    with pytest.raises(ValueError, match=f"Invalid {keyword} '{value}' for host 'h'"):
+        SSHConfigFile(str(config_path)).resolve("h")
+
+
 def test_ipv6_hostname_known_hosts_name(tmp_path):
     config_path = tmp_path / "config"
     config_path.write_text(
