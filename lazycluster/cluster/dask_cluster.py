@@ -778,6 +778,7 @@ class DaskCluster(MasterWorkerCluster):
         """
         from distributed import Client
 
+        validate_timeout(timeout)
         address = self.scheduler_address
         if address is None:
             raise LazyclusterError(

@@ -116,7 +116,10 @@ def wait_for_registration(
             failure_of(worker, f"exited with code {code}") for worker, code in exited
         )
     if pending:
-        reason = f"did not register with the scheduler within {timeout:g} s"
+        reason = (
+            f"did not register with the scheduler within {timeout:g} s "
+            "(worker_start_timeout; raise it for slow hosts)"
+        )
         raise WorkerStartError(failure_of(worker, reason) for worker in pending.values())
 
 

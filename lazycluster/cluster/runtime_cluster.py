@@ -371,7 +371,8 @@ class MasterWorkerCluster(RuntimeCluster):
         if self.master_port is not None:
             raise LazyclusterError(
                 f"The cluster is already started (master port {self.master_port}). "
-                "Call cleanup() before starting it again."
+                "Call cleanup() before starting it again. A `with` block starts the "
+                "cluster on entry, so call start() with your arguments before the block."
             )
         clock = self._master_launcher.manager.clock
         started_at = clock.monotonic()

@@ -297,6 +297,7 @@ def test_worker_registration_timeout(
         cluster.start(worker_count=2, master_port=MASTER_PORT)
 
     assert "host-1" in raised.value.hosts
+    assert "worker_start_timeout" in str(raised.value)
     assert_nothing_left(backend)
 
 
@@ -319,6 +320,14 @@ def test_get_client_before_start_raises(group: RuntimeGroup) -> None:
 
     with pytest.raises(LazyclusterError, match="not started"):
         cluster.get_client()
+
+
+@pytest.mark.parametrize("timeout", [-1, 0, float("nan")])
+def test_get_client_rejects_bad_timeout(group: RuntimeGroup, timeout: float) -> None:
+    cluster = DaskCluster(group)
+
+    with pytest.raises(ValueError, match=f"Invalid timeout {timeout!r}"):
+        cluster.get_client(timeout=timeout)
 
 
 def test_get_client_timeout_raises_timeout_error(
@@ -410,8 +419,9 @@ def test_interrupted_start_cleans_up(
 
 def test_start_twice_keeps_running_cluster(backend: HostsBackend, group: RuntimeGroup) -> None:
     with DaskCluster(group, ports=PORTS) as cluster:
-        with pytest.raises(LazyclusterError, match="already started"):
+        with pytest.raises(LazyclusterError, match="already started") as raised:
             cluster.start()
+        assert "call start() with your arguments before the block" in str(raised.value)
 
         assert cluster.master_port is not None
         assert len(cluster.get_client().scheduler_info(n_workers=-1)["workers"]) == 2
