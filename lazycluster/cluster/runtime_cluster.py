@@ -213,8 +213,10 @@ class WorkerLauncher(_Launcher, ABC):
                     # A lost or refused connection is no port problem.
                     if isinstance(error, TransportError) and type(error) is not TransportError:
                         raise
-                    logger.warning(
-                        "Host %s failed to open %d %s worker forward(s): %s",
+                    # INFO only: DaskCluster moves the workers of a taken port
+                    # elsewhere, and a failure it cannot recover from is raised.
+                    logger.info(
+                        "Host %s could not open %d %s worker forward(s): %s",
                         host,
                         len(pairs),
                         kind,
