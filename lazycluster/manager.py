@@ -50,9 +50,12 @@ class RuntimeManager:
 
         if not self._runtimes:
             reasons = "; ".join(f"{host}: {reason}" for host, reason in self.inactive_host_reasons.items())
+            # Backends without a config file (the simulator) have no path to name.
+            config_path = getattr(backend, "config_path", None)
+            config = f"the SSH config {config_path!r}" if config_path else "the SSH config"
             error = NoRuntimesDetectedError(
-                "No usable runtime was found in the SSH config"
-                + (f" ({reasons})" if reasons else ", which names no host")
+                f"No usable runtime was found in {config}"
+                + (f" ({reasons})" if reasons else ", which names no host or does not exist")
                 + ". Add a host with `lazycluster add-runtime NAME USER@HOST` and check that "
                 "`ssh NAME` works."
             )

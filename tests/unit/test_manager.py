@@ -46,6 +46,19 @@ def test_empty_config(backend):  # noqa: F811
         RuntimeManager()
 
 
+def test_missing_ssh_config_named(tmp_path):
+    from lazycluster.transport import use_backend
+    from lazycluster.transport.ssh import SSHBackend
+
+    missing = tmp_path / "no-such-config"
+    with use_backend(SSHBackend(ssh_config_path=str(missing), resolve_unknown_hosts=False)):
+        with pytest.raises(NoRuntimesDetectedError) as raised:
+            RuntimeManager()
+
+    assert str(missing) in str(raised.value)
+    assert "does not exist" in str(raised.value)
+
+
 def test_create_group_all(manager):
     group = manager.create_group()
     assert isinstance(group, RuntimeGroup)
