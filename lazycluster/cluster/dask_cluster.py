@@ -83,14 +83,6 @@ DASHBOARD_MODULE = "bokeh"
 # bind, before the start gives up with NoPortsLeftError.
 MAX_PORT_ATTEMPTS = 3
 
-# Retries of forwards that sshd rejected although their ports are free again,
-# and the seconds before each. The default worker ports lie in Linux's
-# ephemeral range, so a short-lived client connection on a host (a worker that
-# retries the scheduler, say) can hold one just while sshd binds it.
-# NOTE: no test provokes such a short-lived holder; the bench's 3 x 8 start hit one.
-MAX_FORWARD_RETRIES = 2
-FORWARD_RETRY_DELAY = 0.2
-
 
 @dataclass(frozen=True)
 class PlacedWorker:
@@ -523,7 +515,6 @@ class RoundRobinLauncher(WorkerLauncher):
         the last of them.
         """
         transports = {transport.host: transport for transport in remote_transports(self._group)}
-        retries = 0
         while True:
             ports_by_host = self.ports_per_host
             for placed in placement:
@@ -535,16 +526,7 @@ class RoundRobinLauncher(WorkerLauncher):
             taken = find_taken_ports(rejected, manager, transports)
             moving = [placed for placed in placement if placed.port in taken]
             if not moving:
-                if retries == MAX_FORWARD_RETRIES:
-                    raise rejected[0].error
-                retries += 1
-                logger.info(
-                    "Forwards rejected on free ports (%s); retrying in %g s",
-                    rejected[0].error,
-                    FORWARD_RETRY_DELAY,
-                )
-                manager.clock.sleep(FORWARD_RETRY_DELAY)
-                continue
+                raise rejected[0].error
             self._close_worker_tunnels({placed.port for placed in moving})
             placement, remaining = self._move_to_free_ports(
                 manager, master_port, placement, moving, remaining, "a forward was rejected"
