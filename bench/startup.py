@@ -222,7 +222,7 @@ def start_with_retries(system: Any, workers: int, failures: list[str]) -> float:
         except Exception as error:  # noqa: BLE001 - counted on the page, then retried
             failures.append(f"{system.name}, {workers} workers: {type(error).__name__}: {error}")
             log.warning("%s with %d workers failed to start (attempt %d): %s", system.name, workers, attempt, error)
-            # sshd's own log says why it refused a forward or a session.
+            # sshd's own log gives the reason for a rejected forward or session.
             for host in system.context.hosts:
                 log.warning("sshd log of %s:\n%s", host.alias, host.logs(tail=8))
             system.stop()

@@ -72,18 +72,22 @@ def check_distributed_versions(runtimes: Sequence[Any]) -> None:
         lambda runtime: host_distributed_version(runtime.transport), unknown
     )
     probed_by_host = {runtime.host: found for runtime, found in zip(unknown, probed, strict=True)}
-    mismatches: list[tuple[str, str | None]] = []
+    mismatches: list[tuple[Any, str | None]] = []
     for runtime in remote:
         if runtime.host in probed_by_host:
             host_version = probed_by_host[runtime.host]
         else:
             host_version = runtime.distributed_version
         if host_version != expected:
-            mismatches.append((runtime.host, host_version))
+            mismatches.append((runtime, host_version))
     if mismatches:
-        (host, host_version), *others = mismatches
-        first = next(runtime for runtime in remote if runtime.host == host)
+        (first, host_version), *others = mismatches
         raise VersionMismatchError(
-            host, PACKAGE, host_version, expected, others, login=first.transport.login_command()
+            first.host,
+            PACKAGE,
+            host_version,
+            expected,
+            [(runtime.host, version) for runtime, version in others],
+            login=first.transport.login_command(),
         )
     logger.info("Hosts %s have distributed %s", ", ".join(r.host for r in remote), expected)

@@ -14,6 +14,7 @@ import threading
 
 import paramiko
 
+from lazycluster.transport.ssh_channel_guard import GuardedTransport
 from lazycluster.transport.ssh_remote_forwards import wait_for_reply
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class AliveCheck:
     """A thread that keeps asking one connection's host for a reply."""
 
     def __init__(
-        self, host: str, transport: paramiko.Transport, interval: float, count_max: int
+        self, host: str, transport: GuardedTransport, interval: float, count_max: int
     ) -> None:
         self._host = host
         self._transport = transport
@@ -51,8 +52,7 @@ class AliveCheck:
         transport = self._transport
         # The turn is taken before the clock starts, so a forwarding request
         # that waits for its own reply does not count against this one.
-        lock = getattr(transport, "global_requests", None) or threading.RLock()
-        with lock:
+        with transport.global_requests:
             if self._stopped.is_set() or not transport.is_active():
                 return
             try:

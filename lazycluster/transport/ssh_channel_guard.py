@@ -10,7 +10,7 @@ close onto the wire. sshd has freed the channel by then and treats the late
 message as a protocol error: it drops the whole connection with every command
 and tunnel on it ("packet referred to nonexistent channel" in its log).
 
-`GuardedTransport` serialises the sends of channel messages, remembers the
+`GuardedTransport` serializes the sends of channel messages, remembers the
 channels it sent a close for, and drops later messages to them.
 
 NOTE: a message is matched to its channel by the peer's channel number only.

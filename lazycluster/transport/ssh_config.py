@@ -41,6 +41,14 @@ class JumpHost:
     port: int | None = None
 
 
+# Seconds between keepalives that want a reply, and how many may go without a
+# reply before the connection counts as dead. OpenSSH sends none by default,
+# but lazycluster keeps tunnels open for hours, so it checks unless the config
+# sets ServerAliveInterval 0.
+DEFAULT_SERVER_ALIVE_INTERVAL = 15
+DEFAULT_SERVER_ALIVE_COUNT_MAX = 3
+
+
 @dataclass(frozen=True)
 class HostSettings:
     """Effective connection settings of one host alias."""
@@ -52,12 +60,9 @@ class HostSettings:
     identity_files: tuple[str, ...] = ()
     identities_only: bool = False
     connect_timeout: float | None = None
-    # Seconds between keepalives that want a reply, and how many may go
-    # unanswered before the connection counts as dead (ServerAliveInterval and
-    # ServerAliveCountMax). OpenSSH sends none by default. lazycluster keeps
-    # tunnels for hours, so it checks every 15 s unless the config sets 0.
-    server_alive_interval: int = 15
-    server_alive_count_max: int = 3
+    # ServerAliveInterval and ServerAliveCountMax.
+    server_alive_interval: int = DEFAULT_SERVER_ALIVE_INTERVAL
+    server_alive_count_max: int = DEFAULT_SERVER_ALIVE_COUNT_MAX
     strict_host_key_checking: str = "yes"
     known_hosts_files: tuple[str, ...] = field(default=DEFAULT_KNOWN_HOSTS)
     proxy_jump: tuple[JumpHost, ...] = ()
@@ -117,8 +122,12 @@ class SSHConfigFile:
         )
 
         timeout = options.get("connecttimeout")
-        alive_interval = _whole_number(alias, options, "ServerAliveInterval", 15, minimum=0)
-        alive_count = _whole_number(alias, options, "ServerAliveCountMax", 3, minimum=1)
+        alive_interval = _whole_number(
+            alias, options, "ServerAliveInterval", DEFAULT_SERVER_ALIVE_INTERVAL, minimum=0
+        )
+        alive_count = _whole_number(
+            alias, options, "ServerAliveCountMax", DEFAULT_SERVER_ALIVE_COUNT_MAX, minimum=1
+        )
         return HostSettings(
             alias=alias,
             hostname=options.get("hostname", alias),
@@ -146,10 +155,10 @@ def _whole_number(
     if text is None:
         return default
     try:
-        value = int(text)
+        value: int | None = int(text)
     except ValueError:
-        value = minimum - 1
-    if value < minimum:
+        value = None
+    if value is None or value < minimum:
         raise ValueError(
             f"Invalid {keyword} {text!r} for host {alias!r} in the SSH config: expected a "
             f"whole number of at least {minimum}. Fix the value or remove the line."

@@ -68,10 +68,10 @@ class Connection:
 
     def __post_init__(self) -> None:
         transport = self.client.get_transport()
-        assert transport is not None, "the client is not connected"
+        assert isinstance(transport, GuardedTransport), "the client was not connected by Connector"
         # Stored here because SSHClient.close() drops its reference. A closed
         # transport reports is_active() False.
-        self.transport: paramiko.Transport = transport
+        self.transport: GuardedTransport = transport
 
         # The keepalives also keep idle tunnels alive through NAT and firewall
         # timeouts, on the jump hosts' connections too, which carry this one.

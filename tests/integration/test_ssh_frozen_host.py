@@ -74,11 +74,15 @@ def test_command_on_frozen_host_raises_connection_lost(
 def test_running_command_on_frozen_host_ends(make_ssh_hosts: Any, tmp_path: Path) -> None:
     # A command that already runs when its host freezes gets no more output
     # and no EOF; only the unanswered keepalives end its wait.
+    interval, count_max = 1, 2
+    # The first keepalive after the freeze goes out within one interval and
+    # then waits for `count_max` intervals.
+    detection = interval + interval * count_max
     hosts = make_ssh_hosts(1)
     config = tmp_path / "config"
     config.write_text(
         hosts.ssh_config_path.read_text()
-        + "\nHost *\n    ServerAliveInterval 1\n    ServerAliveCountMax 2\n"
+        + f"\nHost *\n    ServerAliveInterval {interval}\n    ServerAliveCountMax {count_max}\n"
     )
     transport = SSHBackend(ssh_config_path=str(config), resolve_unknown_hosts=False).connect(
         hosts[0].alias
@@ -101,13 +105,13 @@ def test_running_command_on_frozen_host_ends(make_ssh_hosts: Any, tmp_path: Path
         hosts[0].pause()
         try:
             started = time.monotonic()
-            waiter.join(1 + 2 + MARGIN)
+            waiter.join(detection + MARGIN)
             elapsed = time.monotonic() - started
         finally:
             hosts[0].unpause()
 
         assert not waiter.is_alive(), "the command still waits on the frozen host"
-        assert elapsed < 1 + 2 + MARGIN, elapsed
+        assert elapsed < detection + MARGIN, elapsed
         assert len(errors) == 1
         assert isinstance(errors[0], ConnectionLostError), repr(errors[0])
         assert hosts[0].alias in str(errors[0])
